@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs, then quantizes the built-in demo transformer (python -m qpipeline.quantize)
+#   make test   installs, then runs the test suite (GPU tests are skipped without a GPU)
+# Both create or reuse the virtual environment $(VENV). A Python whose torch already sees a
+# GPU is kept (the venv sees its site-packages); otherwise the CPU build torch==2.13.0 is
+# installed, never the multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qkernels-installed
+
+.PHONY: setup demo test gpu-suite clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+		echo "using this Python's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(PY) -m qpipeline.quantize --out out/demo --overwrite
+
+test: setup
+	$(PY) -m pytest -q
+
+gpu-suite:
+	bash benchmarks/run_gpu_suite.sh out/gpu
+
+clean:
+	rm -rf $(VENV) out

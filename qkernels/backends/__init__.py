@@ -1,0 +1,4 @@
+"""Built-in backends. Importing this package registers them; each module is one family and
+imports its native libraries (Triton, CuPy) lazily, so `import qkernels` never fails for them."""
+
+from . import torch_native  # noqa: F401

@@ -1,0 +1,106 @@
+"""Backends built from PyTorch's own kernels: they run wherever torch does (CPU and CUDA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..capabilities import fp8_gemm_reason
+from ..formats import dequantize_weight
+from ..registry import Backend, register_backend
+
+
+def quantize_activation(layer, x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (dynamic) or calibrated per-tensor (static) quantization of a layer's input.
+    Both return a [M] fp32 row scale, so every GEMM epilogue is the same."""
+    if layer.input_scale is not None:
+        return ops.quantize_per_tensor(x, layer.input_scale, layer.input_smooth, fp8)
+    return ops.quantize_per_token(x, layer.input_smooth, fp8)
+
+
+def _multiple_of(k: int, n: int, m: int, why: str) -> str | None:
+    if k % m or n % m:
+        return f"in_features and out_features must be multiples of {m} ({why})"
+    return None
+
+
+@register_backend
+class BF16(Backend):
+    name = "bf16"
+    format = "none"
+    devices = ("cpu", "cuda")
+    description = "plain F.linear in the input dtype: the reference every comparison is against"
+
+    def forward(self, layer, x):  # only used when a caller asks a QuantLinear-free path
+        return F.linear(x, layer.weight, layer.bias)
+
+
+@register_backend
+class Int8Torch(Backend):
+    name = "int8-torch"
+    format = "w8a8-int8"
+    devices = ("cpu", "cuda")
+    description = "torch._int_mm (int32 out) + fp32 scale epilogue"
+
+    def unsupported_shape_reason(self, in_features, out_features):
+        # _int_mm on CUDA is cuBLASLt IMMA: K and N multiples of 8 (M > 16 is handled by padding).
+        return _multiple_of(in_features, out_features, 8, "torch._int_mm / cuBLASLt IMMA")
+
+    def forward(self, layer, x):
+        q, s = quantize_activation(layer, x, fp8=False)
+        return ops.int8_mm_dequant(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+
+
+@register_backend
+class FP8ScaledMM(Backend):
+    name = "fp8-scaled-mm"
+    format = "w8a8-fp8"
+    devices = ("cpu", "cuda")
+    description = "torch._scaled_mm, e4m3 x e4m3, rowwise fp32 scales, bias in the GEMM"
+
+    def unavailable_reason(self, device):
+        return super().unavailable_reason(device) or fp8_gemm_reason(device)
+
+    def unsupported_shape_reason(self, in_features, out_features):
+        return _multiple_of(in_features, out_features, 16, "torch._scaled_mm")
+
+    def forward(self, layer, x):
+        q, s = quantize_activation(layer, x, fp8=True)
+        # CUDA's rowwise _scaled_mm writes bf16 only; elsewhere the input dtype directly.
+        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        bias = layer.bias
+        if bias is not None and bias.dtype != out_dtype:
+            bias = bias.to(out_dtype)
+        y = torch._scaled_mm(
+            q, layer.weight.t(),  # column-major view of the stored [N, K] weight: no copy
+            scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
+            bias=bias, out_dtype=out_dtype,
+        )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class _WeightOnly(Backend):
+    """Weight stored in 8 bits, upcast per call, computed in the input dtype ("layerwise
+    casting", but with a per-channel scale). The upcast weight lives only during the call."""
+
+    devices = ("cpu", "cuda")
+
+    def forward(self, layer, x):
+        w = dequantize_weight(layer.weight, layer.weight_scale, x.dtype)
+        bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
+        return F.linear(x, w, bias)
+
+
+@register_backend
+class Int8Layerwise(_WeightOnly):
+    name = "int8-layerwise"
+    format = "w8-int8"
+    description = "int8 weight storage, upcast per layer, compute in the input dtype"
+
+
+@register_backend
+class FP8Layerwise(_WeightOnly):
+    name = "fp8-layerwise"
+    format = "w8-fp8"
+    description = "e4m3 weight storage with per-channel scale, upcast per layer"

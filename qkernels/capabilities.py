@@ -1,0 +1,99 @@
+"""Every capability check in one place: what this machine can run, and why not.
+
+Each function returns ``None`` when the capability is present, or a one-line reason a person can
+act on. Results that cannot change during a process are cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = [
+    "default_device",
+    "cuda_reason",
+    "cuda_capability",
+    "fp8_gemm_reason",
+    "triton_reason",
+    "cupy_reason",
+]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def as_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cuda_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"needs a CUDA device (got {device.type})"
+    if not torch.cuda.is_available():
+        return "torch reports no usable CUDA device (CPU build of torch, or no driver)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_gemm_reason(device: torch.device) -> str | None:
+    """``torch._scaled_mm`` with e4m3 operands and rowwise scales."""
+    if device.type == "cpu":
+        return None
+    reason = cuda_reason(device)
+    if reason:
+        return reason
+    major, minor = cuda_capability(device.index or 0)
+    if (major, minor) < (8, 9):
+        return f"fp8 tensor cores need compute capability 8.9+ (Ada/Hopper), this GPU is {major}.{minor}"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'qkernels[triton]')"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install must not break `import qkernels`
+        return f"triton failed to import: {exc}"
+    return None
+
+
+def triton_reason(device: torch.device) -> str | None:
+    reason = _triton_import_reason()
+    if reason:
+        return reason
+    if device.type == "cpu":
+        if triton_interpret():
+            return None
+        return "Triton kernels need CUDA (on CPU only under TRITON_INTERPRET=1, for tests)"
+    return cuda_reason(device)
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_reason() -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return ("CuPy is not installed (pip install 'qkernels[cublaslt]', or cupy-cuda12x / "
+                "cupy-cuda13x to match the driver)")
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:
+        return f"CuPy failed to import: {exc}"
+    return None

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+for line in Path("qkernels/__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="qkernels",
+    version=version["__version__"],
+    description="8-bit (int8 / fp8) Linear layers with pluggable kernels for large diffusion transformers",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["qkernels*", "qpipeline*", "calibration*", "benchmarks*"]),
+    # A range, not a pin: a machine's own CUDA torch is kept. The Makefile installs the CPU
+    # build (torch==2.13.0) first on machines without a GPU, so this never pulls CUDA there.
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        # CuPy's build must match the driver's CUDA major version: cupy-cuda12x or cupy-cuda13x.
+        "cublaslt": ["cupy-cuda12x"],
+        "cublaslt-cu13": ["cupy-cuda13x"],
+        "diffusers": ["diffusers>=0.35", "transformers>=4.51", "pillow"],
+        "peers": ["torchao", "bitsandbytes"],
+        "dev": ["pytest", "triton>=3.0", "diffusers>=0.35", "transformers>=4.51", "pillow", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["qkernels-quantize=qpipeline.quantize:main"]},
+)

@@ -1,0 +1,1 @@
+"""qpipeline: model surgery, recipes, checkpoints and the quantize CLI."""

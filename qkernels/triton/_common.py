@@ -1,0 +1,150 @@
+"""Helpers shared by the Triton kernels: interpreter detection, autotune configs, input checks.
+
+Importing this module imports triton; nothing outside ``qkernels.triton`` imports it at module
+level, so ``import qkernels`` never does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import InputError, UnsupportedShapeError
+
+# Read once at import, like triton.jit itself: a kernel decorated under TRITON_INTERPRET=1 is an
+# interpreted function for the life of the process.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a runtime int into a 1-element array and indexes with
+    ``int(array)``, which numpy >= 2.4 refuses, so ``range(0, K, BLOCK_K)`` fails under
+    TRITON_INTERPRET (triton-lang/triton#9171, fixed upstream by #9172). Apply the same one-line
+    fix, only under the interpreter and only where the failure is present."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_qkernels_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._qkernels_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+# Offsets are int32 inside the kernels: every operand must stay under 2^31 elements
+# (8192 x 18432 outputs = 151M, far under).
+_MAX_NUMEL = 2**31 - 1
+
+TORCH_TO_TL = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+}
+
+# 1.5 * 2^23: for |v| <= 2^22, (v + C) - C is v rounded to an integer, half to even, by the
+# fp32 add's own rounding. libdevice.rint is an extern call the interpreter cannot run, so this
+# is the one rounding used on CUDA and under TRITON_INTERPRET alike.
+RINT_MAGIC = 12582912.0
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: the next power of two (at most 16384), so a new token
+    count re-uses the configuration tuned for its bucket instead of re-tuning."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+def cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+# Under the interpreter one small config: each program runs as numpy, so autotuning would run
+# every config for real, and block sizes only trade Python overhead for numpy work.
+# 32 x 64 x 64 keeps one launch at M=100, K=208, N=144 to a few tens of ms on one CPU core.
+INTERPRET_CONFIGS = [cfg(32, 64, 64, 1, 4, 4)]
+
+SMALL_M = 64  # buckets up to this use the small-M configs
+
+
+def prune_by_m(configs, named_args, **kwargs):
+    """Small-M buckets try only the small-M configs and large ones only the large: halves the
+    autotune time of each new (bucket, N, K)."""
+    if len(configs) == 1:
+        return configs
+    small = named_args["M_BUCKET"] <= SMALL_M
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= SMALL_M) == small]
+    return keep or configs
+
+
+def check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise InputError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.numel() > _MAX_NUMEL:
+        raise UnsupportedShapeError(f"{name} has {t.numel()} elements; the Triton kernels index with int32 (< 2^31)")
+
+
+def check_vector(name: str, t: torch.Tensor | None, n: int, dtype: torch.dtype | None = torch.float32) -> None:
+    if t is None:
+        return
+    if t.shape != (n,):
+        raise InputError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise InputError(f"{name} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise InputError(f"{name} must be contiguous")
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise InputError(f"tensors on different devices: {sorted(map(str, devices))}")
+    dev = next(iter(devices))
+    if dev.type != "cuda" and not INTERPRET:
+        raise InputError(f"Triton kernels need CUDA tensors (CPU only under TRITON_INTERPRET=1), got {dev}")
+
+
+@triton.jit
+def rint_clamp_int8(q):
+    """Clamp to [-127, 127], then round half to even. Equal to torch's round-then-clamp for every
+    finite q, since the bounds are integers."""
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    return ((q + 12582912.0) - 12582912.0).to(tl.int8)
+
+
+@triton.jit
+def soft_e4m3_bits(v):
+    """float8_e4m3fn bit pattern (as uint8) of fp32 ``v`` already clamped to [-448, 448],
+    rounded to nearest even, subnormals included.
+
+    Only used under TRITON_INTERPRET, whose own fp32 -> e4m3 cast flushes subnormal results
+    to zero; on CUDA the hardware cast (cvt.rn.satfinite) is used.
+    e' = max(floor(log2|v|), -6) picks the binade (grid step 2^(e'-3)); m = rint(|v| / step)
+    is in [0, 16]; bits = (e' + 6) * 8 + m, where m = 16 carries into the next binade and the
+    subnormal binade (e' = -6) needs no special case.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    sign = ((bits >> 24) & 0x80).to(tl.int32)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e'), exact
+    m = ((tl.abs(v) * inv_step + 12582912.0) - 12582912.0).to(tl.int32)
+    out = (e + 6) * 8 + m
+    out = tl.where(v != v, 0x7F, out)
+    return (out | sign).to(tl.uint8)

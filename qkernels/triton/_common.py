@@ -148,3 +148,121 @@ def soft_e4m3_bits(v):
     out = (e + 6) * 8 + m
     out = tl.where(v != v, 0x7F, out)
     return (out | sign).to(tl.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM building blocks
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in GROUP_M-row bands, so programs running together share W tiles in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_m)
+    pid_n = (pid % in_group) // group_m
+    return pid_m, pid_n
+
+
+# Kernels read this global as a compile-time constant.
+INTERPRET_C = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def round_fp32_to_bf16_grid(y):
+    """y rounded to bf16 precision (nearest even), still fp32. The interpreter's fp32 -> bf16 cast
+    truncates where CUDA's cvt.rn rounds; pre-rounding makes the truncation exact, so CPU tests
+    see CUDA's results. NaN and Inf keep their class (0x7FC00000 + 0x7FFF keeps the exponent)."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
+                 HAS_BIAS: tl.constexpr):
+    """``y * w_scale[n] (+ bias)`` in fp32, cast to C's dtype, masked store. ``y`` already holds
+    the row-scaled accumulator, so the order is that of ``qkernels.ops.dequant_epilogue``."""
+    n_mask = offs_n < N
+    ws = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = y * ws[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if INTERPRET_C and c_ptr.dtype.element_ty == tl.bfloat16:
+        y = round_fp32_to_bf16_grid(y)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+
+
+def gemm_grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def check_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               a_dtypes: tuple[torch.dtype, ...], w_dtypes: tuple[torch.dtype, ...]) -> tuple[int, int, int]:
+    check_2d("activation", a)
+    check_2d("weight", w)
+    if a.dtype not in a_dtypes:
+        raise InputError(f"activation dtype {a.dtype} not supported here; expected one of {a_dtypes}")
+    if w.dtype not in w_dtypes:
+        raise InputError(f"weight dtype {w.dtype} not supported here; expected one of {w_dtypes}")
+    m, k = a.shape
+    n, kw = w.shape
+    if k != kw:
+        raise InputError(f"activation has K={k}, weight [N, K] has K={kw}")
+    check_vector("weight_scale", w_scale, n)
+    check_vector("bias", bias, n, dtype=None)
+    check_device(a, w, w_scale, bias)
+    return m, n, k
+
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_out_dtype(dtype: torch.dtype) -> None:
+    if dtype not in OUT_DTYPES:
+        raise InputError(f"output dtype {dtype} not supported; use bfloat16, float16 or float32")
+
+
+# Autotune configs for Hopper (sm90): wgmma needs num_warps % 4 == 0 and BLOCK_M % 64 == 0;
+# 8-bit operands: BLOCK_K 128 is 128 B per row, one full swizzle line. 128 x 256 x 128 with 3
+# stages is 144 KB of shared memory (of 227 KB). Small-M configs (M bucket <= 64) fall back to
+# mma.sync tiles of 16/32 rows and take a wide K slice, since those shapes are bound by reading W.
+CONFIGS_8BIT = INTERPRET_CONFIGS if INTERPRET else [
+    cfg(128, 256, 128, 3, 8),
+    cfg(128, 128, 128, 4, 8),
+    cfg(128, 128, 128, 4, 4),
+    cfg(128, 256, 64, 4, 8),
+    cfg(64, 256, 128, 4, 4),
+    cfg(128, 128, 64, 5, 4),
+    # small M
+    cfg(16, 64, 256, 4, 4),
+    cfg(32, 64, 256, 4, 4),
+    cfg(64, 64, 256, 3, 4),
+    cfg(32, 128, 128, 4, 4),
+    cfg(64, 128, 128, 4, 4),
+]
+
+# 16-bit activation tiles (weight-only and the fused static kernel): 128 x 64 bf16 is 128 B rows.
+CONFIGS_16BIT_A = INTERPRET_CONFIGS if INTERPRET else [
+    cfg(128, 256, 64, 3, 8),
+    cfg(128, 128, 64, 4, 8),
+    cfg(128, 128, 64, 4, 4),
+    cfg(128, 128, 128, 3, 8),
+    cfg(64, 256, 64, 4, 4),
+    # small M
+    cfg(16, 64, 128, 4, 4),
+    cfg(32, 64, 128, 4, 4),
+    cfg(64, 64, 128, 3, 4),
+    cfg(16, 128, 128, 4, 4),
+    cfg(64, 128, 64, 4, 4),
+]
+
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
+
+
+def even_k(args) -> bool:
+    return args["K"] % args["BLOCK_K"] == 0

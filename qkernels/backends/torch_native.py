@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import gemms
 from ..capabilities import fp8_gemm_reason
-from ..formats import dequantize_weight
 from ..registry import Backend, register_backend
 
 
@@ -81,15 +81,15 @@ class FP8ScaledMM(Backend):
 
 
 class _WeightOnly(Backend):
-    """Weight stored in 8 bits, upcast per call, computed in the input dtype ("layerwise
-    casting", but with a per-channel scale). The upcast weight lives only during the call."""
+    """Weight stored in 8 bits, computed in the input dtype ("layerwise casting", but with a
+    per-channel scale). On CUDA with triton installed, a Triton GEMM converts weight tiles in
+    registers and applies the scale in its epilogue (no upcast weight in memory); elsewhere the
+    op's reference upcasts the weight per call (it lives only during the call) + F.linear."""
 
     devices = ("cpu", "cuda")
 
     def forward(self, layer, x):
-        w = dequantize_weight(layer.weight, layer.weight_scale, x.dtype)
-        bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        return gemms.weight_only_gemm(x, layer.weight, layer.weight_scale, layer.bias)
 
 
 @register_backend

@@ -266,9 +266,15 @@ def test_import_qkernels_does_not_import_triton():
 
 @pytest.mark.parametrize("backend", ["int8-triton", "fp8-triton"])
 def test_backend_static_and_dynamic_paths(backend):
-    k, n, m = 208, 144, 33
+    # M=33 takes the one-launch static kernel, M=100 quant kernel + GEMM (FUSED_STATIC_MAX_M).
+    k, n = 208, 144
     lin = torch.nn.Linear(k, n, device=DEV).to(torch.bfloat16)
-    x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV)
+    for m in (33, 100):
+        _backend_paths(backend, lin, torch.randn(m, k, dtype=torch.bfloat16, device=DEV))
+
+
+def _backend_paths(backend, lin, x):
+    k = x.shape[1]
     fmt = formats.get_format(formats.FORMATS["w8a8-fp8" if "fp8" in backend else "w8a8-int8"])
     scale = formats.static_scale_from_amax(x.float().abs().max().cpu(), fmt)
     smooth = torch.rand(k, device=DEV) + 0.5

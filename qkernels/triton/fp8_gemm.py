@@ -9,6 +9,8 @@ Triton's default lets wgmma accumulate fp8 products at its reduced internal prec
 
 Bounds at M=8192, K=3072, N=12288: 618 GFLOP -> 0.31 ms at the fp8 dense peak 1979 TFLOP/s;
 bytes A 25 MB + W 38 MB + C (bf16) 201 MB = 264 MB -> 0.088 ms at 3.0 TB/s: compute-bound.
+Measured on H100: 557 us (1111 TFLOP/s), 602 us with the quant kernel (1.36x bf16's 817 us);
+rowwise torch._scaled_mm on the same inputs 550 us. At K=12288, N=3072: 501 us vs 604 us.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ Bounds at M=8192, K=3072, N=12288: 618 GFLOP -> 0.78 ms at bf16's measured 790 T
 X 50 MB + W 38 MB + Y 201 MB = 289 MB -> 0.096 ms: compute-bound, a bf16 GEMM's speed at best.
 At M=16 the same layer is 1.2 GFLOP but 38 MB of weight: 12.6 us at 3.0 TB/s, half of bf16's
 75 MB; that is where weight-only wins.
+Measured on H100 at that shape: 1335 us (int8) / 1468 us (e4m3) vs cuBLAS bf16 817 us; at M=16
+92 us vs 41 us: the in-loop conversion and register-staged B tile cost more than they save, so
+the layerwise backends keep the upcast + cuBLAS path by default (see torch_native._WeightOnly).
 fp32 inputs use input_precision="ieee" (torch's default fp32 matmul, no TF32), much slower.
 """
 

@@ -78,7 +78,10 @@ def get_format(name: str | Format) -> Format:
 
 def _row_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     # `amax == 0` rather than `amax > 0`: a NaN amax must give a NaN scale, not a finite one.
-    return torch.where(amax == 0, torch.ones_like(amax), amax / qmax)
+    # Divide by a tensor, not the Python float: CUDA torch turns `tensor / scalar` into a multiply
+    # by the rounded reciprocal (CPU divides), so scales would depend on the device (seen on H100:
+    # per-token scales 1 ulp off the CPU ones, and off the kernels' IEEE division).
+    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, qmax))
 
 
 def _cast(q: torch.Tensor, fmt: Format) -> torch.Tensor:

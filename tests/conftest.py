@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Run the Triton kernels on CPU through the interpreter. Set before anything imports triton:
+    # triton.jit reads it when a kernel is decorated. It also makes int8-triton / fp8-triton
+    # available on CPU, so the generic backend matrix covers them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

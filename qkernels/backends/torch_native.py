@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import gemms
 from ..capabilities import fp8_gemm_reason
-from ..formats import dequantize_weight
 from ..registry import Backend, register_backend
 
 
@@ -81,15 +81,20 @@ class FP8ScaledMM(Backend):
 
 
 class _WeightOnly(Backend):
-    """Weight stored in 8 bits, upcast per call, computed in the input dtype ("layerwise
-    casting", but with a per-channel scale). The upcast weight lives only during the call."""
+    """Weight stored in 8 bits, computed in the input dtype ("layerwise casting", but with a
+    per-channel scale): the weight is upcast per call (it lives only during the call) + F.linear.
+
+    ``gemms.weight_only_gemm`` has a Triton kernel on CUDA that converts weight tiles in registers
+    instead; it measured slower on H100 (M=8192, K=3072, N=12288: 1335 us vs 817 us for the bf16
+    GEMM alone; M=16: 92 us vs 41 us), so it is used only when TRITON_ON_CUDA is set."""
 
     devices = ("cpu", "cuda")
+    TRITON_ON_CUDA = False
 
     def forward(self, layer, x):
-        w = dequantize_weight(layer.weight, layer.weight_scale, x.dtype)
-        bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        if x.is_cuda and self.TRITON_ON_CUDA:
+            return gemms.weight_only_gemm(x, layer.weight, layer.weight_scale, layer.bias)
+        return gemms.weight_only_gemm.reference(x, layer.weight, layer.weight_scale, layer.bias)
 
 
 @register_backend

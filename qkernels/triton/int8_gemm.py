@@ -1,0 +1,170 @@
+"""INT8 GEMMs: ``y = (a @ w.T) * a_scale[m] * w_scale[n] (+ bias)``, int32 accumulation in
+registers, the dequantization in the epilogue (no int32 tensor ever written).
+
+``int8_gemm``: A already quantized (per-token kernel, or per-tensor with its row scale).
+``int8_static_gemm``: one launch for a static-scale layer: reads the bf16/fp16/fp32 activation,
+divides by ``input_smooth`` and the calibrated scale while loading the A tile, rounds half to
+even and clamps to int8, then the same dot and epilogue; a row holding NaN/Inf gets a NaN row
+scale (sum(x * 0) folded in the A loads), so only its outputs are non-finite.
+
+W is the stored row-major [N, K] int8 weight, read as [BLOCK_K, BLOCK_N] tiles through its
+strides (K-major: the layout 8-bit wgmma takes for B), never transposed or copied.
+
+Bounds at M=8192, K=3072, N=12288 (Qwen-Image MLP up-projection):
+  2*M*N*K = 618 GOP -> 0.31 ms at the int8 dense peak 1979 TOP/s (0.78 ms at bf16's 790 measured).
+  bytes: A 25 MB + W 38 MB + C (bf16) 201 MB = 264 MB -> 0.088 ms at 3.0 TB/s.
+  Compute-bound: the target is the tensor-core rate. The fused static kernel re-quantizes each
+  A tile once per N tile (N / BLOCK_N = 48 times at BLOCK_N 256): 1.2 G IEEE divisions, ~12
+  GFLOP of CUDA-core work, ~0.2 ms at ~60 TFLOP/s fp32, if it overlapped with the dot.
+Measured on H100 (triton 3.6, torch 2.11, median of do_bench), this shape: bf16 cuBLAS 817 us;
+int8_gemm 635 us (973 TOP/s), + per-token quant kernel 665 us in all (1.23x bf16; torch._int_mm
++ torch quant 2846 us); fused static 2524 us, i.e. it does NOT overlap: the register-staged,
+re-quantized A tile stalls the wgmma pipeline, so backends use quant kernel + int8_gemm (656 us)
+except at tiny M (M=16: fused 103 us vs 193 us).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_out_dtype, check_vector, even_k, gemm_grid,
+    grouped_tile, m_bucket, prune_by_m, rint_clamp_int8, store_scaled,
+)
+
+__all__ = ["int8_gemm", "int8_static_gemm"]
+
+
+@triton.autotune(configs=CONFIGS_8BIT, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
+@triton.heuristics({"EVEN_K": even_k})
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _int8_gemm_kernel(
+    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Edge rows/cols wrap onto valid ones: loads need no M/N mask, the store is masked.
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] of W [N, K]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0)
+            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    a_scale = tl.load(a_scale_ptr + rm)
+    # int32 -> fp32 first: scaling in bf16 would lose the accumulator's precision.
+    y = acc.to(tl.float32) * a_scale[:, None]
+    store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+@triton.autotune(configs=CONFIGS_16BIT_A, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
+@triton.heuristics({"EVEN_K": even_k})
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _int8_static_gemm_kernel(
+    x_ptr, scale_ptr, smooth_ptr, w_ptr, c_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    s = tl.load(scale_ptr).to(tl.float32)
+    poison = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs).to(tl.float32)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0).to(tl.float32)
+            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0)
+        if HAS_SMOOTH:
+            sm = tl.load(smooth_ptr + k * BLOCK_K + rk, mask=rk < K - k * BLOCK_K, other=1.0)
+            x = tl.math.div_rn(x, sm[None, :])
+        # 0 for finite rows, NaN for a row holding NaN/Inf (formats.quantize_per_tensor's poison).
+        poison += tl.sum(x * 0.0, axis=1)
+        a = rint_clamp_int8(tl.math.div_rn(x, s))
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    y = acc.to(tl.float32) * (s + poison)[:, None]
+    store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(a [M, K] int8 @ w [N, K] int8 .T) * a_scale[M] * w_scale[N] (+ bias [N])`` in fp32, out
+    in ``out_dtype``. Same signature and epilogue order as ``qkernels.ops.int8_mm_dequant``."""
+    m, n, k = check_gemm(a, w, w_scale, bias, (torch.int8,), (torch.int8,))
+    check_vector("a_scale", a_scale, m)
+    check_out_dtype(out_dtype)
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0:
+        return c
+    _int8_gemm_kernel[gemm_grid(m, n)](
+        a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
+        m, n, k, m_bucket(m),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None,
+        enable_fp_fusion=False,  # (acc * a_s) * w_s + bias as separate roundings, like torch
+    )
+    return c
+
+
+def int8_static_gemm(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One launch for a static-scale int8 layer: ``x [M, K]`` (bf16/fp16/fp32) is divided by
+    ``smooth`` (optional) and the per-tensor ``scale`` and quantized to int8 inside the A-tile
+    load; out in ``x.dtype``. Equal to ``formats.quantize_per_tensor`` + int8 GEMM + epilogue."""
+    m, n, k = check_gemm(x, w, w_scale, bias, (torch.bfloat16, torch.float16, torch.float32), (torch.int8,))
+    check_vector("input_smooth", smooth, k)
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"the static scale is one fp32 value, got {scale.dtype} {tuple(scale.shape)}")
+    c = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return c
+    _int8_static_gemm_kernel[gemm_grid(m, n)](
+        x, scale, smooth if smooth is not None else w_scale, w, c, w_scale, bias if bias is not None else w_scale,
+        m, n, k, m_bucket(m),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
+        enable_fp_fusion=False,
+    )
+    return c

@@ -1,0 +1,384 @@
+"""Triton kernels against the reference arithmetic of qkernels.formats / qkernels.ops.
+
+CPU: the kernels run under TRITON_INTERPRET=1 (set by conftest.py before triton is imported) on
+small odd shapes. GPU (``-m gpu``): the same checks at Qwen-Image shapes, plus bit-exactness
+against torch._int_mm, no host sync in a forward, and torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qkernels import InputError, QuantLinear, formats, list_backends, ops
+from qkernels.capabilities import triton_reason
+from qkernels.ops import gemms
+
+from .metrics import E4M3_RMS, ROUNDING_RMS, predicted_error, rel_error
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+import qkernels.triton as kt  # noqa: E402  (after the importorskip; conftest set TRITON_INTERPRET)
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")  # CPU means the interpreter
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+MS = (1, 17, 100)
+FMT = {False: "w8a8-int8", True: "w8a8-fp8"}
+
+
+def dt_id(dt):
+    return str(dt).split(".")[-1]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality, also for e4m3 (whose NaN != NaN)."""
+    if a.dtype == torch.float8_e4m3fn:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def activation(m, k, dtype, device=DEV):
+    """Rows of different magnitudes, with the cases the rounding rules are about: exact ties
+    (row 0 has amax 127, so its scale is exactly 1), -0.0, an all-zero row, and values
+    small enough to land on e4m3 subnormals."""
+    x = torch.randn(m, k) * torch.rand(m, 1) * 4
+    x[0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, -0.0, 126.5, 127.0])
+    x[0, 8:12] = torch.tensor([1e-5, -3e-5, 2e-4, 7e-3])
+    if m > 2:
+        x[2] = 0
+    return x.to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# activation quantization: bit for bit equal to the reference quantizer
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("m", MS)
+def test_quantize_per_token_bit_exact(m, dtype, smooth, fp8):
+    k = 203
+    x = activation(m, k, dtype)
+    sm = (torch.rand(k, device=DEV) + 0.5) if smooth else None
+    q, s = kt.quantize_per_token(x, sm, fp8)
+    q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8], sm)
+    assert same_bits(s, s_ref), f"scales differ in {(s != s_ref).sum().item()} rows"
+    assert same_bits(q, q_ref), f"{(q.float() != q_ref.float()).sum().item()} values differ"
+    if not smooth and not fp8:  # scale exactly 1: ties round to even
+        assert s[0].item() == 1.0 and q[0, :8].tolist() == [0, 2, 2, 0, -2, 0, 126, 127]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+def test_quantize_per_tensor_bit_exact(dtype, smooth, fp8):
+    m, k = 37, 208
+    x = activation(m, k, dtype)
+    sm = (torch.rand(k, device=DEV) + 0.5) if smooth else None
+    # A calibrated amax of half the real one: a quarter of the values clamp.
+    scale = formats.static_scale_from_amax(x.float().abs().max().cpu() / 2, FMT[fp8]).to(DEV)
+    q, rs = kt.quantize_per_tensor(x, scale, sm, fp8)
+    q_ref, rs_ref = formats.quantize_per_tensor(x, scale, FMT[fp8], sm)
+    assert same_bits(rs, rs_ref) and same_bits(q, q_ref)
+    qmax = formats.get_format(FMT[fp8]).qmax
+    assert (q.float().abs() == qmax).any(), "the clamp was not exercised"
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_quantize_non_finite_rows(fp8):
+    x = torch.randn(6, 77, device=DEV)
+    x[1, 3], x[4, 70] = float("nan"), float("inf")
+    q, s = kt.quantize_per_token(x, None, fp8)
+    q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8])
+    assert torch.isnan(s[1]) and torch.isinf(s[4])  # as the reference: NaN propagates, Inf stays Inf
+    keep = [0, 2, 3, 5]
+    assert same_bits(s[keep], s_ref[keep]) and same_bits(q[keep], q_ref[keep])
+    q, rs = kt.quantize_per_tensor(x, torch.tensor(0.05, device=DEV), None, fp8)
+    assert torch.isnan(rs[1]) and torch.isnan(rs[4]) and (rs[keep] == 0.05).all()
+
+
+def test_quantize_rejects_bad_inputs():
+    x = torch.randn(4, 32, device=DEV)
+    with pytest.raises(InputError, match="input_smooth"):
+        kt.quantize_per_token(x, torch.ones(31, device=DEV), False)
+    with pytest.raises(InputError, match="2-D"):
+        kt.quantize_per_token(x[None], None, False)
+
+
+# --------------------------------------------------------------------------------------------
+# int8 GEMM
+
+
+def rand_int8(*shape, device=DEV):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 203, 77), (17, 208, 144), (100, 192, 77), (300, 130, 200)])
+def test_int8_gemm_int32_accumulation_exact(m, k, n):
+    # |acc| <= 127^2 * K < 2^24 for K <= 1040: fp32 holds it exactly, so unit scales and fp32
+    # out expose the int32 accumulator itself. K=192 takes the unmasked (EVEN_K) loop; M=300
+    # spans several M tiles in the grouped order.
+    a, w = rand_int8(m, k), rand_int8(n, k)
+    y = kt.int8_gemm(a, torch.ones(m, device=DEV), w, torch.ones(n, device=DEV), None, torch.float32)
+    ref = a.cpu().int() @ w.cpu().int().t()
+    assert torch.equal(y.cpu(), ref.float())
+    # Broken input: one flipped weight value changes the result.
+    w[5 % n, 0] = -w[5 % n, 0] if w[5 % n, 0] != 0 else 1
+    assert not torch.equal(kt.int8_gemm(a, torch.ones(m, device=DEV), w, torch.ones(n, device=DEV), None,
+                                        torch.float32).cpu(), ref.float())
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m", MS)
+def test_int8_gemm_epilogue_equals_reference(m, bias, out_dtype):
+    k, n = 203, 77
+    a, w = rand_int8(m, k), rand_int8(n, k)
+    a_s = torch.rand(m, device=DEV) * 1e-2
+    w_s = torch.rand(n, device=DEV) * 1e-2
+    b = torch.randn(n, dtype=torch.bfloat16, device=DEV) if bias else None
+    y = kt.int8_gemm(a, a_s, w, w_s, b, out_dtype)
+    ref = ops.int8_mm_dequant.reference(a.cpu(), a_s.cpu(), w.cpu(), w_s.cpu(), None if b is None else b.cpu(),
+                                        out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    assert torch.equal(y.cpu(), ref), f"max diff {(y.cpu().float() - ref.float()).abs().max().item()}"
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("m", MS)
+def test_int8_static_fused_equals_reference(m, dtype, smooth):
+    k, n = 203, 77
+    x = activation(m, k, dtype)
+    w, w_s = formats.quantize_weight(torch.randn(n, k, device=DEV), "w8a8-int8")
+    sm = (torch.rand(k, device=DEV) + 0.5) if smooth else None
+    b = torch.randn(n, dtype=dtype, device=DEV)
+    scale = formats.static_scale_from_amax(x.float().abs().max().cpu() * 0.7, "w8a8-int8").to(DEV)
+    y = kt.int8_static_gemm(x, scale, sm, w, w_s, b)
+    q, rs = formats.quantize_per_tensor(x.cpu(), scale.cpu(), "w8a8-int8", None if sm is None else sm.cpu())
+    ref = ops.dequant_epilogue(q.int() @ w.cpu().int().t(), rs, w_s.cpu(), b.cpu(), dtype)
+    assert y.dtype == dtype and torch.equal(y.cpu(), ref)
+    # Broken input: a 10% different static scale gives a different result.
+    assert not torch.equal(kt.int8_static_gemm(x, scale * 1.1, sm, w, w_s, b).cpu(), ref)
+
+
+def test_int8_static_fused_non_finite_token_poisons_its_row_only():
+    k, n = 130, 77
+    x = torch.randn(9, k, device=DEV)
+    w, w_s = formats.quantize_weight(torch.randn(n, k, device=DEV), "w8a8-int8")
+    scale = torch.tensor(0.03, device=DEV)
+    clean = kt.int8_static_gemm(x, scale, None, w, w_s, None)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        xb = x.clone()
+        xb[4, 100] = bad
+        y = kt.int8_static_gemm(xb, scale, None, w, w_s, None)
+        assert not torch.isfinite(y[4]).any()
+        keep = [0, 1, 2, 3, 5, 6, 7, 8]
+        assert torch.equal(y[keep], clean[keep])
+
+
+def test_gemm_rejects_bad_inputs():
+    a, w = rand_int8(5, 64), rand_int8(32, 48)
+    with pytest.raises(InputError, match="K=64"):
+        kt.int8_gemm(a, torch.ones(5, device=DEV), w, torch.ones(32, device=DEV), None, torch.bfloat16)
+    w = rand_int8(32, 64)
+    with pytest.raises(InputError, match="weight_scale"):
+        kt.int8_gemm(a, torch.ones(5, device=DEV), w, torch.ones(31, device=DEV), None, torch.bfloat16)
+    with pytest.raises(InputError, match="activation dtype"):
+        kt.int8_gemm(a.float(), torch.ones(5, device=DEV), w, torch.ones(32, device=DEV), None, torch.bfloat16)
+    with pytest.raises(InputError, match="output dtype"):
+        kt.int8_gemm(a, torch.ones(5, device=DEV), w, torch.ones(32, device=DEV), None, torch.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# fp8 and weight-only GEMMs: within the format's error bound against float64
+
+
+def _check_bound(y, ref, bound, rebuild_broken):
+    err = rel_error(y.cpu(), ref)
+    assert err < bound, f"relative error {err:.4g} over the format's bound {bound:.4g}"
+    broken = rel_error(rebuild_broken().cpu(), ref)
+    assert broken > bound, f"a 10% wrong scale gave {broken:.4g}, still under the bound {bound:.4g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("m", MS)
+def test_fp8_gemm_within_bound(m, dtype):
+    k, n = 203, 144
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    wf = torch.randn(n, k, device=DEV) * k**-0.5
+    b = torch.randn(n, dtype=dtype, device=DEV) * 0.1
+    w, w_s = formats.quantize_weight(wf, "w8a8-fp8")
+    q, s = kt.quantize_per_token(x, None, True)
+    y = kt.fp8_gemm(q, s, w, w_s, b, dtype)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = (x.cpu().double() @ wf.cpu().double().t()) + b.cpu().double()
+    bound = predicted_error("w8a8-fp8", x.cpu(), wf.cpu(), dtype)
+    _check_bound(y, ref, bound, lambda: kt.fp8_gemm(q, s, w, w_s * 1.1, b, dtype))
+    # Against the op's own fp32 reference (same quantized inputs): only summation order and the
+    # output rounding differ.
+    exact = gemms.fp8_gemm.reference(q.cpu(), s.cpu(), w.cpu(), w_s.cpu(), b.cpu(), torch.float32)
+    assert rel_error(y.cpu(), exact) < 2 * ROUNDING_RMS[dtype] + 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["w8-int8", "w8-fp8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("m", MS)
+def test_weight_only_gemm_within_bound(m, dtype, fmt):
+    k, n = 203, 77
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    wf = torch.randn(n, k, device=DEV) * k**-0.5
+    b = torch.randn(n, dtype=dtype, device=DEV) * 0.1
+    w, w_s = formats.quantize_weight(wf, fmt)
+    y = kt.weight_only_gemm(x, w, w_s, b)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = (x.cpu().double() @ wf.cpu().double().t()) + b.cpu().double()
+    _check_bound(y, ref, predicted_error(fmt, x.cpu(), wf.cpu(), dtype),
+                 lambda: kt.weight_only_gemm(x, w, w_s * 1.1, b))
+
+
+def test_e4m3_bound_constant_is_what_the_fp8_tests_use():
+    # The fp8 bound is e4m3's rounding (2^-4 / sqrt 3 rms), not something looser.
+    assert abs(E4M3_RMS - 2**-4 / 3**0.5) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# backends, registration, imports
+
+
+def test_backends_listed_with_reasons(monkeypatch):
+    rows = {r.name: r for r in list_backends(DEV)}
+    assert rows["int8-triton"].format == "w8a8-int8" and rows["fp8-triton"].format == "w8a8-fp8"
+    assert rows["int8-triton"].available and rows["fp8-triton"].available
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in triton_reason(torch.device("cpu"))
+
+
+def test_import_qkernels_does_not_import_triton():
+    code = ("import sys, qkernels, qkernels.backends, qkernels.ops.gemms; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", ["int8-triton", "fp8-triton"])
+def test_backend_static_and_dynamic_paths(backend):
+    # M=33 takes the one-launch static kernel, M=100 quant kernel + GEMM (FUSED_STATIC_MAX_M).
+    k, n = 208, 144
+    lin = torch.nn.Linear(k, n, device=DEV).to(torch.bfloat16)
+    for m in (33, 100):
+        _backend_paths(backend, lin, torch.randn(m, k, dtype=torch.bfloat16, device=DEV))
+
+
+def _backend_paths(backend, lin, x):
+    k = x.shape[1]
+    fmt = formats.get_format(formats.FORMATS["w8a8-fp8" if "fp8" in backend else "w8a8-int8"])
+    scale = formats.static_scale_from_amax(x.float().abs().max().cpu(), fmt)
+    smooth = torch.rand(k, device=DEV) + 0.5
+    for kw in ({}, dict(input_smooth=smooth), dict(activation="static", input_scale=scale),
+               dict(activation="static", input_scale=scale, input_smooth=smooth)):
+        layer = QuantLinear.from_linear(lin, backend, **kw)
+        y = layer(x)
+        # The same layer through the torch-native backend of its format computes the same
+        # quantized arithmetic (int8: exactly the same; fp8: up to summation order and rounding).
+        other = "int8-torch" if backend == "int8-triton" else "fp8-scaled-mm"
+        if DEV.type == "cuda" or other == "int8-torch":
+            ref = layer.set_backend(other)(x)
+            if other == "int8-torch":
+                assert torch.equal(y, ref), kw
+            else:
+                assert rel_error(y, ref) < 2 * ROUNDING_RMS[torch.bfloat16], kw
+
+
+def test_gemm_ops_pass_opcheck():
+    # Schema and fake implementations of the Triton ops (their CPU implementation is the reference).
+    a, w = rand_int8(17, 64, device="cpu"), rand_int8(48, 64, device="cpu")
+    b = torch.randn(48, dtype=torch.bfloat16)
+    torch.library.opcheck(gemms.int8_gemm.torch_op, (a, torch.rand(17), w, torch.rand(48), b, torch.bfloat16))
+    x = torch.randn(17, 64, dtype=torch.bfloat16)
+    torch.library.opcheck(gemms.int8_static_gemm.torch_op,
+                          (x, torch.tensor(0.05), torch.rand(64) + 0.5, w, torch.rand(48), b))
+    af, wf = (torch.randn(17, 64) * 10).to(torch.float8_e4m3fn), torch.randn(48, 64).to(torch.float8_e4m3fn)
+    # test_schema multiplies the inputs to detect mutation, which CPU torch cannot do in e4m3.
+    torch.library.opcheck(gemms.fp8_gemm.torch_op, (af, torch.rand(17), wf, torch.rand(48), None, torch.float16),
+                          test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(gemms.weight_only_gemm.torch_op, (x, w, torch.rand(48), b))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: Qwen-Image shapes
+
+QWEN_KN = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]
+GPU_CASES = [pytest.param(m, k, n, id=f"M{m}-K{k}-N{n}") for m in (4096, 8192) for (k, n) in QWEN_KN]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", GPU_CASES)
+def test_gpu_qwen_shapes(m, k, n):
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+    wf = torch.randn(n, k, device=dev) * k**-0.5
+    b = torch.randn(n, dtype=torch.bfloat16, device=dev) * 0.1
+    smooth = torch.rand(k, device=dev) + 0.5
+    # activation quant: bit-exact with the reference quantizer
+    for fp8 in (False, True):
+        q, s = kt.quantize_per_token(x, smooth, fp8)
+        q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8], smooth)
+        assert same_bits(s, s_ref) and same_bits(q, q_ref), f"fp8={fp8}"
+    # int32 accumulation bit-exact vs torch._int_mm: small values keep |acc| < 2^24, so the fp32
+    # output is the int32 accumulator itself; full-range values compare after the same rounding.
+    ones_m, ones_n = torch.ones(m, device=dev), torch.ones(n, device=dev)
+    for lo, hi in ((-3, 4), (-127, 128)):
+        a = torch.randint(lo, hi, (m, k), dtype=torch.int8, device=dev)
+        wi = torch.randint(lo, hi, (n, k), dtype=torch.int8, device=dev)
+        acc = torch._int_mm(a, wi.t())
+        assert torch.equal(kt.int8_gemm(a, ones_m, wi, ones_n, None, torch.float32), acc.float())
+        if lo == -3:
+            assert torch.equal(kt.int8_gemm(a, ones_m, wi, ones_n, None, torch.float32).int(), acc)
+    # dynamic int8: the epilogue equals the torch._int_mm path
+    w8, w8_s = formats.quantize_weight(wf, "w8a8-int8")
+    q, s = kt.quantize_per_token(x, None, False)
+    y = kt.int8_gemm(q, s, w8, w8_s, b, torch.bfloat16)
+    assert torch.equal(y, ops.int8_mm_dequant.reference(q, s, w8, w8_s, b, torch.bfloat16))
+    ref = x.double() @ wf.double().t() + b.double()
+    assert rel_error(y, ref) < predicted_error("w8a8-int8", x, wf, torch.bfloat16)
+    # static fused == reference quantize-with-scale + GEMM
+    scale = formats.static_scale_from_amax(x.float().abs().amax(), "w8a8-int8").to(dev)
+    y = kt.int8_static_gemm(x, scale, smooth, w8, w8_s, b)
+    qs, rs = formats.quantize_per_tensor(x, scale, "w8a8-int8", smooth)
+    assert torch.equal(y, ops.int8_mm_dequant.reference(qs, rs, w8, w8_s, b, torch.bfloat16))
+    # fp8 and weight-only: within the format's bound against float64, and a broken scale fails
+    wf8, wf8_s = formats.quantize_weight(wf, "w8a8-fp8")
+    q, s = kt.quantize_per_token(x, None, True)
+    bound = predicted_error("w8a8-fp8", x, wf, torch.bfloat16)
+    _check_bound(kt.fp8_gemm(q, s, wf8, wf8_s, b, torch.bfloat16), ref, bound,
+                 lambda: kt.fp8_gemm(q, s, wf8, wf8_s * 1.1, b, torch.bfloat16))
+    for fmt in ("w8-int8", "w8-fp8"):
+        w, w_s = formats.quantize_weight(wf, fmt)
+        _check_bound(kt.weight_only_gemm(x, w, w_s, b), ref, predicted_error(fmt, x, wf, torch.bfloat16),
+                     lambda: kt.weight_only_gemm(x, w, w_s * 1.1, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,kw", [
+    ("int8-triton", {}), ("int8-triton", dict(activation="static", input_scale=0.02)),
+    ("fp8-triton", {}), ("fp8-triton", dict(activation="static", input_scale=0.02)),
+    ("int8-layerwise", {}), ("fp8-layerwise", {}),
+])
+def test_gpu_forward_does_not_sync_and_compiles(backend, kw):
+    lin = torch.nn.Linear(3072, 3072, device="cuda").to(torch.bfloat16)
+    layer = QuantLinear.from_linear(lin, backend, **kw)
+    x = torch.randn(2, 2048, 3072, dtype=torch.bfloat16, device="cuda")
+    y = layer(x)  # first call: compile + autotune (these sync, once per shape bucket)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y2 = layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y, y2)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)

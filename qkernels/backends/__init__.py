@@ -2,3 +2,4 @@
 imports its native libraries (Triton, CuPy) lazily, so `import qkernels` never fails for them."""
 
 from . import torch_native  # noqa: F401
+from . import cublaslt_backend  # noqa: F401

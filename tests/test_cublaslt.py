@@ -81,11 +81,10 @@ def test_library_search_order(monkeypatch):
 
 def test_import_never_loads_cupy_or_cublaslt():
     code = ("import sys, qkernels, qkernels.cublaslt.plan, qkernels.cublaslt.epilogue; "
-            "qkernels.list_backends('cpu'); "
-            "maps = open('/proc/self/maps').read() if sys.platform == 'linux' else ''; "
-            "print('cupy' in sys.modules, 'libcublasLt' in maps and 'torch' not in sys.modules)")
+            "from qkernels.cublaslt import _lib; qkernels.list_backends('cpu'); "
+            "print('cupy' in sys.modules, _lib._load.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "0"]  # CuPy not imported, libcublasLt never looked up
 
 
 def test_struct_layouts_match_cublaslt_h():
@@ -317,10 +316,10 @@ def test_gemm_bit_exact_odd_shapes(m, k, n):
     from qkernels.cublaslt.matmul import int8_gemm
 
     a, w = _rand_int8(m, k), _rand_int8(n, k)
-    assert torch.equal(int8_gemm(a, w), (a.double() @ w.double().t()).int())
-    a[0, 0] = -a[0, 0] if a[0, 0] != 0 else 1  # the check sees a single changed input
-    assert not torch.equal(int8_gemm(a, w), (a.double() @ w.double().t()).int() + (a[:, :1] != a[:, :1]).int())
-    assert torch.equal(int8_gemm(a, w), (a.double() @ w.double().t()).int())
+    ref = (a.double() @ w.double().t()).int()
+    assert torch.equal(int8_gemm(a, w), ref)
+    a[0, 0] = 100 if a[0, 0] != 100 else -100  # one changed input is seen
+    assert not torch.equal(int8_gemm(a, w), ref)
 
 
 @gpu
@@ -390,14 +389,14 @@ def test_epilogue_bit_exact_vs_reference(out_dtype, bias_dtype):
         torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
         if m > 1:
             assert got[1].isnan().all() and not got[0].isnan().any()
-    # fp16 overflow to inf matches too; a 1-ulp change of one scale is seen.
+    # A 1-ulp change of one weight scale is seen.
     acc, a_scale, w_scale, bias = _epilogue_inputs(4, 64, bias_dtype)
-    w_scale[3] = torch.nextafter(w_scale[3], torch.tensor(1.0, device="cuda"))
+    w_scale[20] = torch.nextafter(w_scale[20], torch.tensor(1.0, device="cuda"))
     got = dequant_epilogue(acc, a_scale, w_scale, bias, out_dtype)
-    w_scale[3] = torch.nextafter(w_scale[3], torch.tensor(0.0, device="cuda"))
+    w_scale[20] = torch.nextafter(w_scale[20], torch.tensor(0.0, device="cuda"))
     ref = ops.dequant_epilogue(acc, a_scale, w_scale, bias, out_dtype)
-    if out_dtype == torch.float32:
-        assert not torch.equal(got[[0, 2, 3], 3], ref[[0, 2, 3], 3])
+    if out_dtype == torch.float32:  # (bf16/fp16 rounding may absorb one fp32 ulp)
+        assert not torch.equal(got[[0, 2, 3], 20], ref[[0, 2, 3], 20])
 
 
 def make_linear(k, n, bias=True, dtype=torch.bfloat16):

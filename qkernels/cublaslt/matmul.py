@@ -56,6 +56,9 @@ _descs: dict[tuple[int, int], ctypes.c_void_p] = {}  # (transa, transb) -> matmu
 _algos: dict[tuple, tuple[_lib.MatmulAlgo, int]] = {}  # (device, bucket, K, N, layout) -> (algo, ws)
 _prepared: dict[tuple, _Prepared] = {}  # (device, M, K, N, strides) -> descriptors + algo
 _stats = {"searches": 0, "hits": 0, "checked_reuse": 0, "heuristic_fallback": 0}
+# One entry per timed search: (problem, ms of each candidate in heuristic order, chosen index).
+# For benchmarks and reports: how often the heuristic's first choice was not the fastest.
+search_log: list[tuple[str, list[float], int]] = []
 
 
 def _device_state(index: int) -> _DeviceState:
@@ -104,10 +107,11 @@ def _search(state, desc, layouts, ptrs, ws, stream, what: str) -> tuple[_lib.Mat
     if len(found) == 1:
         return _lib.MatmulAlgo.from_buffer_copy(found[0].algo), found[0].workspaceSize
     torch_stream = torch.cuda.current_stream()
-    best, best_ms = None, float("inf")
+    best, best_ms, timings = None, float("inf"), []
     for cand in found:
         algo, wsb = cand.algo, cand.workspaceSize
         if _launch(state, desc, layouts, algo, *ptrs, ws, wsb, stream) != _lib.STATUS_SUCCESS:
+            timings.append(float("nan"))
             continue  # a proposed algorithm may still refuse at launch; skip it
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(torch_stream)
@@ -115,11 +119,14 @@ def _search(state, desc, layouts, ptrs, ws, stream, what: str) -> tuple[_lib.Mat
             _launch(state, desc, layouts, algo, *ptrs, ws, wsb, stream)
         end.record(torch_stream)
         end.synchronize()
-        ms = start.elapsed_time(end)
+        ms = start.elapsed_time(end) / TIMED_RUNS
+        timings.append(ms)
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is None:
         raise UnsupportedShapeError(f"every cuBLASLt int8 algorithm proposed for {what} failed to launch")
+    if len(search_log) < 1000:
+        search_log.append((what, timings, timings.index(best_ms)))
     return _lib.MatmulAlgo.from_buffer_copy(best.algo), best.workspaceSize
 
 
@@ -218,5 +225,6 @@ def clear_cache() -> None:
                 _lib.destroy("MatrixLayout", layout)
         _prepared.clear()
         _algos.clear()
+        search_log.clear()
         for key in _stats:
             _stats[key] = 0

@@ -367,9 +367,9 @@ def test_algorithm_cache_hit_and_bucket_reuse():
 
 def _epilogue_inputs(m, n, bias_dtype):
     acc = torch.randint(-2**31, 2**31 - 1, (m, n), dtype=torch.int32, device="cuda")
-    acc[:, :8] = torch.randint(-3000, 3000, (m, 8), dtype=torch.int32, device="cuda")
+    acc[:, :8] = torch.randint(-3000, 3000, (m, min(8, n)), dtype=torch.int32, device="cuda")
     a_scale = torch.rand(m, device="cuda") * 1e-3
-    a_scale[1] = float("nan")   # a poisoned token
+    a_scale[1:2] = float("nan")   # a poisoned token (when m > 1)
     w_scale = torch.rand(n, device="cuda") * 1e-2
     bias = None if bias_dtype is None else torch.randn(n, device="cuda").to(bias_dtype)
     return acc, a_scale, w_scale, bias

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .matmul import stream_ptr
 
 __all__ = ["dequant_epilogue", "kernel_source", "OUT_TYPES", "BIAS_TYPES"]
 
@@ -121,6 +122,15 @@ def _kernel(out_dtype: torch.dtype, bias_dtype: torch.dtype | None):
     return cupy.RawKernel(kernel_source(out_dtype, bias_dtype), "dequant_epilogue")
 
 
+@functools.lru_cache(maxsize=None)
+def _function(out_dtype: torch.dtype, bias_dtype: torch.dtype | None, device_index: int):
+    """The launchable function of one variant on one device (compiled on first use)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return _kernel(out_dtype, bias_dtype).kernel
+
+
 @functools.lru_cache(maxsize=64)
 def _cupy_stream(ptr: int, device_index: int):
     import cupy
@@ -146,16 +156,16 @@ def dequant_epilogue(
                              f"{tuple(t.shape)} on {t.device}")
     if bias is not None and (bias.shape != (n,) or bias.device != device or bias.stride(0) != 1):
         raise InputError(f"bias must be contiguous [{n}] on {device}, got {tuple(bias.shape)} on {bias.device}")
-    kern = _kernel(out_dtype, None if bias is None else bias.dtype)
+    fn = _function(out_dtype, None if bias is None else bias.dtype, device.index)
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     if m == 0 or n == 0:
         return out
-    stream = _cupy_stream(torch.cuda.current_stream(device).cuda_stream, device.index)
+    stream = _cupy_stream(stream_ptr(device.index), device.index)
     grid = ((n + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK, min(m, MAX_GRID_Y))
     args = (
         np.uint64(acc.data_ptr()), np.uint64(a_scale.data_ptr()), np.uint64(w_scale.data_ptr()),
         np.uint64(0 if bias is None else bias.data_ptr()), np.uint64(out.data_ptr()),
         np.int32(m), np.int32(n), np.int64(acc.stride(0)), np.int64(out.stride(0)),
     )
-    kern.kernel(grid, (THREADS, 1, 1), args, stream=stream)
+    fn(grid, (THREADS, 1, 1), args, stream=stream)
     return out

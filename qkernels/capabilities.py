@@ -19,6 +19,7 @@ __all__ = [
     "fp8_gemm_reason",
     "triton_reason",
     "cupy_reason",
+    "cublaslt_reason",
 ]
 
 
@@ -97,3 +98,26 @@ def cupy_reason() -> str | None:
     except Exception as exc:
         return f"CuPy failed to import: {exc}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cublaslt_library_reason() -> str | None:
+    from .cublaslt import _lib  # ctypes only; loads nothing until asked
+
+    reason = _lib.library_reason()
+    if reason:
+        return (f"{reason}; it ships with torch's CUDA wheels (nvidia-cublas) and the CUDA toolkit "
+                "(pip install 'qkernels[cublaslt]' installs CuPy, not cuBLAS)")
+    return None
+
+
+def cublaslt_reason(device: torch.device) -> str | None:
+    """The ``int8-cublaslt`` backend: a CUDA device with int8 tensor cores, CuPy (for the
+    epilogue kernel) and a loadable libcublasLt."""
+    reason = cuda_reason(device)
+    if reason:
+        return reason
+    major, minor = cuda_capability(device.index or 0)
+    if (major, minor) < (7, 5):
+        return f"cuBLASLt int8 IMMA kernels need compute capability 7.5+, this GPU is {major}.{minor}"
+    return cupy_reason() or _cublaslt_library_reason()

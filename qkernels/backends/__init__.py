@@ -3,3 +3,4 @@ imports its native libraries (Triton, CuPy) lazily, so `import qkernels` never f
 
 from . import torch_native  # noqa: F401
 from . import triton_backends  # noqa: F401
+from . import cublaslt_backend  # noqa: F401

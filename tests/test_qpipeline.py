@@ -516,9 +516,11 @@ def _peak(n_layers, width, mode):
 def test_peak_memory_model_plus_one_layer():
     # 32 x Linear(4096, 4096) in bf16 = 1.07 GB
     baseline, peak, model_bytes, layer = _peak(32, 4096, "good")
-    # allowance: quantize_weight's fp32 row chunks (1024 rows x 4096 x 4 B = 16 MiB, ~4 live at
-    # once) and allocator slack: 96 MiB. A second copy of the model would add 1 GB.
-    allowance = 96 * 2**20
+    # allowance 128 MiB: quantize_weight works on 1024-row fp32 chunks (16 MiB at K = 4096), with
+    # up to 4 alive at once (w, w / s, round, clamp) = 64 MiB, the layer's int8 result (16 MiB),
+    # and allocator slack. Measured: 1122 MiB grown for the 1024 MiB model. A second copy of
+    # the model would add 1 GiB.
+    allowance = 128 * 2**20
     assert peak - baseline <= model_bytes + layer + allowance, (
         f"peak {(peak - baseline) / 2**20:.0f} MiB over baseline, model {model_bytes / 2**20:.0f} MiB")
     # the same measurement catches a surgery that keeps the replaced bf16 layers alive

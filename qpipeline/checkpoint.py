@@ -400,8 +400,8 @@ def _read_config(ckpt: Path) -> dict:
 
 def _check_files(ckpt: Path, config: dict, verify: bool) -> dict[str, tuple[str, dict]]:
     """key -> (shard file, header entry), after checking each shard's size (and sha256)."""
-    where = {}
-    for fname, info in config["shards"].items():
+    shards = config["shards"]
+    for fname, info in shards.items():
         path = ckpt / fname
         if Path(fname).name != fname or not fname.endswith(".safetensors"):
             raise CheckpointError(f"{CONFIG_NAME} names an unexpected shard {fname!r}")
@@ -411,9 +411,20 @@ def _check_files(ckpt: Path, config: dict, verify: bool) -> dict[str, tuple[str,
         if size != info["bytes"]:
             raise CheckpointError(f"{fname} has {size} bytes, {CONFIG_NAME} says {info['bytes']}: "
                                   f"the file is truncated or was replaced")
-        if verify and _sha256(path) != info["sha256"]:
-            raise CheckpointError(f"{fname}: sha256 differs from {CONFIG_NAME}: the file was modified or corrupted")
-        for key, entry in _read_header(path).items():
+    if verify:
+        # one thread per shard: hashlib releases the GIL, and sha256 runs ~1.1 GB/s per core,
+        # so a 20 GB checkpoint in 4-5 shards hashes in ~4-5 s instead of ~18 s
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = list(shards)
+        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1) or 1) as pool:
+            digests = list(pool.map(lambda f: _sha256(ckpt / f), names))
+        for fname, digest in zip(names, digests):
+            if digest != shards[fname]["sha256"]:
+                raise CheckpointError(f"{fname}: sha256 differs from {CONFIG_NAME}: the file was modified or corrupted")
+    where = {}
+    for fname in shards:
+        for key, entry in _read_header(ckpt / fname).items():
             if key in where:
                 raise CheckpointError(f"tensor {key!r} is stored twice ({where[key][0]} and {fname})")
             where[key] = (fname, entry)

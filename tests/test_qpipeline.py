@@ -314,23 +314,31 @@ def test_smoothing_factors():
 
 @pytest.mark.gpu
 def test_quantize_onto_cuda_layer_by_layer():
-    model = build_demo_transformer("tiny")  # on the CPU
-    cpu_copy = copy.deepcopy(model)
+    # 8 x Linear(4096, 4096) bf16 on the CPU = 256 MiB; moved and quantized one layer at a time
+    model = nn.Sequential(*[nn.Linear(4096, 4096, dtype=torch.bfloat16) for _ in range(8)]).requires_grad_(False)
+    warm = nn.Sequential(nn.Linear(256, 256, dtype=torch.bfloat16))
+    quantize_model(warm, "auto", device="cuda")  # cuBLAS workspace (32 MiB on Hopper), kernels
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    report = quantize_model(model, "qwen-image", device="cuda")
-    assert report.device.startswith("cuda")
-    assert all(t.is_cuda for t in model.state_dict().values())
-    assert all(l.error is not None for l in report.quantized)
-    # peak on the GPU: the quantized model plus one high-precision layer (plus quantize_weight's
-    # fp32 row chunks), never the whole bf16 model next to it
-    largest = max(l.bytes_before for l in report.layers)
-    assert torch.cuda.max_memory_allocated() < report.bytes_after + largest + 2**20 * 8
+    report = quantize_model(model, "auto", device="cuda")
+    assert report.device == "cuda" and all(t.is_cuda for t in model.state_dict().values())
+    grown = torch.cuda.max_memory_allocated() - base
+    # the quantized model (128 MiB) + one bf16 layer (32 MiB) + quantize_weight's fp32 row chunks
+    # (16 MiB each, up to 4 alive) = 224 MiB; the whole bf16 model beside it would add 256 MiB
+    assert grown <= report.bytes_after + 32 * 2**20 + 64 * 2**20, grown / 2**20
+
+    tiny = build_demo_transformer("tiny")  # on the CPU
+    cpu_copy = copy.deepcopy(tiny)
+    report = quantize_model(tiny, "qwen-image", device="cuda")
+    assert all(t.is_cuda for t in tiny.state_dict().values())
+    assert {l.name for l in report.kept} == QWEN_KEPT
     inputs = demo_inputs(cpu_copy)
-    quantize_model(cpu_copy, "qwen-image")
     with torch.no_grad():
-        y_cpu = cpu_copy(**inputs)[0]
-        y_gpu = model(**demo_inputs(model))[0].cpu()
-    assert rel_error(y_gpu, y_cpu) < 0.02
+        ref = cpu_copy(**inputs)[0]
+        y = tiny(**demo_inputs(tiny))[0].cpu()
+    # auto picks an int8 or fp8 kernel on CUDA: e4m3 has ~4% per-layer error (report), int8 ~1%
+    assert rel_error(y, ref) < 0.1
 
 
 def test_transformers_causal_lm_quantizes():

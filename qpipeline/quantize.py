@@ -457,7 +457,8 @@ def _run(argv) -> int:
 
     t = time.perf_counter()
     written = save_quantized(model, out, report, overwrite=args.overwrite)
-    print(f"wrote {written} in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"wrote {written} in {time.perf_counter() - t:.1f} s; load it with "
+          f"qpipeline.load_quantized({str(written)!r}, device=...)", flush=True)
     if args.report:
         report.to_json(args.report)
         print(f"report: {args.report}")

@@ -163,11 +163,11 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_cli_on_tiny_demo(tmp_path):
+    from calibration.collect import main
+
     out = tmp_path / "stats.safetensors"
-    r = subprocess.run([sys.executable, "-m", "calibration.collect", "--demo-size", "tiny", "--samples", "2",
-                        "--steps", "3", "--image-hw", "4", "4", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["--demo-size", "tiny", "--samples", "2", "--steps", "3", "--image-hw", "4", "4",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     from qpipeline.demo import build_demo_transformer
 
     model = build_demo_transformer("tiny")
@@ -352,3 +352,163 @@ def test_unreadable_or_foreign_files(tmp_path):
     save_file({"fc1.amax": torch.tensor(1.0)}, tmp_path / "plain.safetensors")
     with pytest.raises(CalibrationError, match="no 'calibration' metadata"):
         ActivationStats.load(tmp_path / "plain.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# quantize_model uses the statistics (static scales, SmoothQuant), and the error budget
+
+
+def _model_error(model, inputs, refs):
+    from qpipeline.sensitivity import output_error
+
+    return output_error(model, inputs, refs)
+
+
+def test_quantize_model_static_scales_come_from_statistics():
+    import copy
+
+    from qpipeline import get_recipe, quantize_model
+
+    base = TwoLayer().to(torch.bfloat16)
+    data = batches(4)
+    stats = collect(base, data, progress=False)
+    recipe = get_recipe("generic").replace(backend="int8-torch", activation="static")
+    outs = []
+    for factor in (1.0, 4.0):
+        changed = ActivationStats({n: LayerStats(n, s.channel_amax * factor, s.amax * factor, s.percentile * factor)
+                                   for n, s in stats.layers.items()}, stats.metadata)
+        model = copy.deepcopy(base)
+        quantize_model(model, recipe, calibration=changed)
+        for name in ("fc1", "fc2"):
+            layer = getattr(model, name)
+            assert isinstance(layer, QuantLinear) and "activation=static" in repr(layer)
+            assert torch.equal(layer.input_scale, changed.for_layer(name).static_scale("w8a8-int8"))
+        with torch.no_grad():
+            outs.append(model(data[0]))
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_quantize_model_smoothquant_halves_model_error():
+    """End to end through quantize_model: smoothquant_alpha=0.5 with collected statistics sets
+    each layer's input_smooth from them and cuts the model's output error >= 2x on outlier
+    activations; without statistics (smoothing skipped) it does not."""
+    import copy
+
+    from qpipeline import get_recipe, quantize_model
+    from qpipeline.sensitivity import run_outputs
+
+    base = TwoLayer(factor=50.0).to(torch.bfloat16)
+    stats = collect(base, batches(8), progress=False)
+    test = batches(4)
+    refs = run_outputs(base, test)
+    recipe = get_recipe("generic").replace(backend="int8-torch", smoothquant_alpha=0.5)
+    errs = {}
+    for label, cal in (("smoothed", stats), ("skipped", None)):
+        model = copy.deepcopy(base)
+        report = quantize_model(model, recipe, calibration=cal)
+        assert (model.fc1.input_smooth is not None) == (cal is not None)
+        assert all(row.smoothed == (cal is not None) for row in report.quantized)
+        errs[label] = _model_error(model, test, refs)
+    expect = smoothing_factors(stats.for_layer("fc1").channel_amax, base.fc1.weight, 0.5)
+    model = copy.deepcopy(base)
+    quantize_model(model, recipe, calibration=stats)
+    assert torch.equal(model.fc1.input_smooth, expect)
+    assert errs["skipped"] / errs["smoothed"] >= 2.0, errs
+
+
+def _budget_runs(make_model, inputs, recipe_kw, fractions=(0.8, 0.4)):
+    """Quantize fresh copies without a budget and with budgets at ``fractions`` of the unbudgeted
+    model error; return (unbudgeted error, [(budget, report, measured error), ...])."""
+    from qpipeline import get_recipe, quantize_model
+    from qpipeline.sensitivity import run_outputs
+
+    recipe = get_recipe("generic").replace(backend="int8-torch", **recipe_kw)
+    model = make_model()
+    refs = run_outputs(model, inputs)
+    quantize_model(model, recipe)
+    full = _model_error(model, inputs, refs)
+    runs = []
+    for f in fractions:
+        model = make_model()
+        report = quantize_model(model, recipe.replace(max_error=f * full), inputs=inputs)
+        measured = _model_error(model, inputs, refs)
+        runs.append((f * full, report, measured, model))
+    return full, runs
+
+
+def _check_budget(full, runs):
+    kept_counts = []
+    for budget, report, measured, model in runs:
+        # within the budget, measured independently on the final model
+        assert measured <= budget, (measured, budget)
+        assert report.model_error == pytest.approx(measured, rel=1e-6) and report.error_budget == budget
+        kept = [r for r in report.kept if r.reason and r.reason.startswith("error budget")]
+        assert kept, "a budget below the unbudgeted error must keep some layer"
+        for r in report.kept:  # kept layers really are high precision in the model
+            assert isinstance(model.get_submodule(r.name), nn.Linear)
+        for r in report.quantized:
+            assert isinstance(model.get_submodule(r.name), QuantLinear) and r.model_error is not None
+        # the report says what each kept layer cost
+        assert all(r.model_error is not None and f"{r.model_error:.2e}" in r.reason for r in kept)
+        # the costliest layer alone already exceeds a tight budget: it is kept
+        costs = {r.name: r.model_error for r in report.layers if r.model_error is not None}
+        worst = max(costs, key=costs.get)
+        if costs[worst] > budget:
+            assert worst in {r.name for r in kept}
+        assert "model output error" in report.format_table()
+        kept_counts.append(len(kept))
+    # a tighter budget keeps more layers in high precision
+    assert kept_counts == sorted(kept_counts) and kept_counts[-1] > kept_counts[0], kept_counts
+
+
+def test_error_budget_on_demo_transformer():
+    from qpipeline.demo import build_demo_transformer
+    from qpipeline.sensitivity import default_inputs
+
+    make = lambda: build_demo_transformer("tiny", num_layers=1)  # noqa: E731
+    inputs = default_inputs(make(), samples=1, steps=1, image_hw=(4, 4), text_tokens=8)
+    full, runs = _budget_runs(make, inputs, {})
+    assert full > 0
+    _check_budget(full, runs)
+
+
+def test_error_budget_on_transformers_model():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+    def make():
+        torch.manual_seed(0)
+        return transformers.LlamaModel(config).to(torch.bfloat16).eval()
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [dict(input_ids=torch.randint(0, 128, (2, 24), generator=g))]
+    full, runs = _budget_runs(make, inputs, {})
+    _check_budget(full, runs)
+
+
+def test_error_budget_needs_inputs_for_unknown_models():
+    from qpipeline import get_recipe, quantize_model
+    from qkernels.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="pass inputs="):
+        quantize_model(TwoLayer(), get_recipe("generic").replace(backend="int8-torch", max_error=0.01))
+    with pytest.raises(RecipeError, match="at least one input"):
+        quantize_model(TwoLayer(), get_recipe("generic").replace(backend="int8-torch", max_error=0.01), inputs=[])
+
+
+def test_quantize_cli_max_error(tmp_path, capsys):
+    import json
+
+    from qpipeline.demo import build_demo_transformer
+    from qpipeline.quantize import main
+
+    build_demo_transformer("tiny", num_layers=1).save_pretrained(tmp_path / "model" / "transformer")
+    rc = main(["--model", str(tmp_path / "model"), "--backend", "int8-torch", "--recipe", "generic",
+               "--max-error", "0.004", "--device", "cpu", "--out", str(tmp_path / "q"),
+               "--report", str(tmp_path / "r.json")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-2000:]
+    totals = json.loads((tmp_path / "r.json").read_text())["totals"]
+    assert totals["error_budget"] == 0.004 and totals["model_error"] <= 0.004
+    assert totals["kept"] >= 1 and "model output error" in out.out

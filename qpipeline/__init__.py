@@ -6,9 +6,26 @@
     model = load_quantized("q/", device="cuda")
 """
 
-from .checkpoint import load_quantized, save_quantized
-from .quantize import LayerReport, QuantReport, quantize_model
-from .recipe import RECIPES, Recipe, get_recipe
+import importlib
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "quantize_model", "QuantReport", "LayerReport",
-           "save_quantized", "load_quantized"]
+# Resolved on first use (PEP 562): `python -m qpipeline.quantize` must not find its own module
+# already imported by the package (runpy warns, and the CLI would run a second copy of it).
+_EXPORTS = {
+    "Recipe": "recipe", "RECIPES": "recipe", "get_recipe": "recipe",
+    "quantize_model": "quantize", "QuantReport": "quantize", "LayerReport": "quantize",
+    "save_quantized": "checkpoint", "load_quantized": "checkpoint",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -61,8 +61,8 @@ def smoothing_factors(channel_amax: torch.Tensor, weight: torch.Tensor, alpha: f
         raise CalibrationError(f"weight must be [out_features, in_features], got {tuple(weight.shape)}")
     k = weight.shape[1]
     if tuple(channel_amax.shape) != (k,):
-        raise CalibrationError(f"channel_amax has shape {tuple(channel_amax.shape)}, the weight has "
-                               f"in_features={k}: statistics of another layer or model?")
+        raise CalibrationError(f"channel_amax has shape {tuple(channel_amax.shape)} ({channel_amax.numel()} channels), "
+                               f"the weight {tuple(weight.shape)} has {k}: statistics of another layer or model?")
     a = channel_amax.to(weight.device, torch.float32)
     w = weight_channel_amax(weight)
     s = a.pow(alpha) / w.pow(1.0 - alpha)

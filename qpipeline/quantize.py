@@ -244,11 +244,13 @@ def _quantize_one(name, linear: nn.Linear, recipe: Recipe, backend_name: str, ca
     if linear.weight.dtype not in _FLOAT_DTYPES:
         return kept(f"weight dtype {linear.weight.dtype} is not bf16/fp16/fp32")
     dev = linear.weight.device
+    # the recipe's format narrows "auto"; a rule's explicit backend brings its own format
+    want = recipe.format if backend_name == "auto" else None
     # The device must be able to run the backend at all (an error for the whole run) ...
-    resolve_backend(backend_name, dev, format=recipe.format)
+    resolve_backend(backend_name, dev, format=want)
     # ... while a shape it cannot take keeps just this layer in high precision.
     try:
-        chosen = resolve_backend(backend_name, dev, format=recipe.format, shape=(k, n))
+        chosen = resolve_backend(backend_name, dev, format=want, shape=(k, n))
     except (UnsupportedShapeError, BackendUnavailableError) as exc:
         return kept(str(exc))
     fmt = formats.get_format(chosen.format)
@@ -323,7 +325,10 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     report = QuantReport(recipe=recipe.to_dict(), model_bytes_before=model_bytes(model))
     if device is not None:
         _move_non_linear(model, device)
-    report.device = str(device if device is not None else next(iter(model.state_dict().values()), torch.empty(0)).device)
+    if device is not None:
+        report.device = str(device)
+    elif sites:
+        report.device = str(sites[0][1][0][0]._modules[sites[0][1][0][1]].weight.device)
 
     used_rules = set()
     from tqdm.auto import tqdm

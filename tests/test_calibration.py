@@ -183,6 +183,14 @@ def test_cli_on_tiny_demo(tmp_path):
     visited = {min(int(t * 4), 3) for t in stats.metadata["timesteps"]}
     by_t = stats.for_layer("transformer_blocks.0.img_mlp.net.0.proj").amax_by_timestep
     assert {i for i in range(4) if by_t[i] > 0} == visited and len(visited) < 4
+    # --model: a local diffusers folder (transformer/ subfolder), loaded from disk only
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    out2 = tmp_path / "stats2.safetensors"
+    assert main(["--model", str(tmp_path / "pipe"), "--samples", "1", "--steps", "2", "--image-hw", "4", "4",
+                 "--out", str(out2), "--no-progress", "--device", "cpu"]) == 0
+    s2 = ActivationStats.load(out2, model)
+    assert s2.metadata["source"] == str(tmp_path / "pipe") and s2.metadata["forward_passes"] == 2
+    assert main(["--model", str(tmp_path / "nowhere"), "--out", str(out2)]) == 2
 
 
 def test_flow_matching_batches_interpolate_latents():

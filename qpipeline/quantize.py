@@ -55,6 +55,7 @@ class LayerReport:
     error: float | None  # relative Frobenius error of the output on the probe rows
     activation: str | None = None  # "dynamic" / "static" / "weight-only"
     smoothed: bool = False
+    model_error: float | None = None  # error budget only: the model's output error with this layer alone quantized
 
 
 @dataclass
@@ -65,6 +66,8 @@ class QuantReport:
     seconds: float = 0.0
     model_bytes_before: int = 0  # every parameter and persistent buffer, shared tensors once
     model_bytes_after: int = 0
+    model_error: float | None = None  # error budget only: the model's output error vs high precision
+    error_budget: float | None = None  # the recipe's max_error it was held to
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -110,6 +113,8 @@ class QuantReport:
                 "max_error": self.max_error,
                 "mean_error": self.mean_error,
                 "seconds": self.seconds,
+                "model_error": self.model_error,
+                "error_budget": self.error_budget,
             },
             "layers": [asdict(l) for l in self.layers],
         }
@@ -125,26 +130,33 @@ class QuantReport:
         t = d.get("totals", {})
         return cls(layers=[LayerReport(**l) for l in d.get("layers", [])], recipe=d.get("recipe"),
                    device=d.get("device", "cpu"), seconds=t.get("seconds", 0.0),
-                   model_bytes_before=t.get("bytes_before", 0), model_bytes_after=t.get("bytes_after", 0))
+                   model_bytes_before=t.get("bytes_before", 0), model_bytes_after=t.get("bytes_after", 0),
+                   model_error=t.get("model_error"), error_budget=t.get("error_budget"))
 
     def totals_line(self) -> str:
         err = ("n/a" if self.max_error is None
                else f"max {self.max_error:.2e}, mean {self.mean_error:.2e}")
+        budget = ("" if self.error_budget is None else
+                  f"; model output error {self.model_error:.2e} (max_error {self.error_budget:g})")
         return (f"{len(self.quantized)} of {len(self.layers)} Linear layers quantized; "
                 f"{_mb(self.model_bytes_before)} -> {_mb(self.model_bytes_after)} "
-                f"({self.ratio:.3f}x); layer error vs high precision: {err}; {self.seconds:.1f} s")
+                f"({self.ratio:.3f}x); layer error vs high precision: {err}{budget}; {self.seconds:.1f} s")
 
     def format_table(self) -> str:
         head = ("layer", "in", "out", "format", "backend / kept because", "MB before", "MB after", "rel err")
+        budget = self.error_budget is not None
+        if budget:
+            head += ("model err alone",)
         rows = []
         for l in self.layers:
             what = l.backend + ("" if l.activation in (None, "dynamic", "weight-only") else f" ({l.activation})") \
                 + (" +smooth" if l.smoothed else "") if l.format else f"kept: {l.reason}"
             rows.append((l.name, str(l.in_features), str(l.out_features), l.format or "-", what,
                          f"{l.bytes_before / 2**20:.2f}", f"{l.bytes_after / 2**20:.2f}",
-                         "-" if l.error is None else f"{l.error:.2e}"))
+                         "-" if l.error is None else f"{l.error:.2e}")
+                        + (("-" if l.model_error is None else f"{l.model_error:.2e}",) if budget else ()))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        right = {1, 2, 5, 6, 7}
+        right = {1, 2, 5, 6, 7, 8}
 
         def fmt(r):
             return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
@@ -255,11 +267,14 @@ def _quantize_one(name, linear: nn.Linear, recipe: Recipe, backend_name: str, ca
                 warnings.warn(f"{name}: no calibration statistics for this layer; its activations stay dynamic",
                               stacklevel=3)
             else:
-                amax = stats.amax.to(dev, torch.float32)
-                if smooth is not None:
-                    # the kernel scales x / smooth: its abs-max is that of the smoothed channels
-                    amax = (stats.channel_amax.to(dev, torch.float32) / smooth).max()
-                input_scale = formats.static_scale_from_amax(amax, fmt)
+                if callable(getattr(stats, "static_scale", None)):  # calibration.LayerStats
+                    input_scale = stats.static_scale(fmt, smooth=smooth).to(dev)
+                else:
+                    amax = stats.amax.to(dev, torch.float32)
+                    if smooth is not None:
+                        # the kernel scales x / smooth: its abs-max is that of the smoothed channels
+                        amax = (stats.channel_amax.to(dev, torch.float32) / smooth).max()
+                    input_scale = formats.static_scale_from_amax(amax, fmt)
                 activation = "static"
 
     x = _probe(k, linear.weight.dtype, dev, stats)
@@ -279,7 +294,7 @@ def _move_non_linear(model: nn.Module, device: torch.device) -> None:
 
 
 def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "generic", calibration=None,
-                   device: torch.device | str | None = None) -> QuantReport:
+                   device: torch.device | str | None = None, *, inputs=None) -> QuantReport:
     """Replace ``model``'s ``nn.Linear`` layers by ``QuantLinear`` in place, one at a time.
 
     ``recipe_or_backend_name``: a :class:`Recipe`, a built-in recipe name (``generic``,
@@ -292,6 +307,11 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     layer. Without it each layer is quantized where it lies.
 
     A layer the backend cannot take (shape) stays high precision with its reason in the report.
+
+    ``recipe.max_error``: an error budget on the model's output (relative error vs the
+    high-precision model, on ``inputs``: a list of kwargs dicts / arg tuples / tensors; generated
+    for a Qwen-Image transformer when omitted). The layers whose quantization costs most are kept
+    in high precision until the output is within the budget; see :mod:`qpipeline.sensitivity`.
     """
     t0 = time.perf_counter()
     recipe = as_recipe(recipe_or_backend_name)
@@ -313,11 +333,19 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     used_rules = set()
     from tqdm.auto import tqdm
 
+    decided = {}
+    if recipe.max_error is not None:  # measures every layer's cost and quantizes within the budget itself
+        from .sensitivity import apply_error_budget
+
+        decided = apply_error_budget(model, recipe, sites, calibration, device, inputs, _quantize_one, report)
     for name, places in tqdm(sites, desc="quantizing", unit="layer", disable=None, leave=False):
         parent, attr = places[0]
         backend_name, rule = recipe.backend_for(name)
         if rule is not None:
             used_rules.add(rule)
+        if name in decided:
+            report.layers.append(decided[name])
+            continue
         linear = parent._modules[attr]
         if device is not None:
             linear.to(device)
@@ -368,6 +396,9 @@ def _parser() -> argparse.ArgumentParser:
                    "default qwen-image for Qwen-Image models, else generic")
     p.add_argument("--calibration", help="activation statistics file (from python -m calibration.collect)")
     p.add_argument("--activation", choices=["dynamic", "static"], help="override the recipe's activation mode")
+    p.add_argument("--max-error", type=float, help="error budget: keep the most sensitive layers in high precision "
+                   "until the model's output is within this relative error of the unquantized model's (e.g. 0.02), "
+                   "measured on generated inputs (Qwen-Image models)")
     p.add_argument("--out", default="out/quantized", help="output folder (default out/quantized)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--report", help="also write the per-layer report as JSON here")
@@ -427,6 +458,8 @@ def _run(argv) -> int:
         changes["format"] = args.format
     if args.activation:
         changes["activation"] = args.activation
+    if args.max_error is not None:
+        changes["max_error"] = args.max_error
     recipe = recipe.replace(**changes)  # validates
     resolve_backend(recipe.backend, device, format=recipe.format)  # can it run here at all?
 

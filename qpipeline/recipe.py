@@ -53,7 +53,7 @@ class Recipe:
     activation: str = "dynamic"
     smoothquant_alpha: float | None = None  # used only when calibration statistics are given
     min_features: int = 16
-    max_error: float | None = None  # per-layer error budget; applied by calibration-aware code
+    max_error: float | None = None  # error budget on the model's output (relative, vs high precision); qpipeline.sensitivity
     name: str | None = None
     version: int = RECIPE_VERSION
 
@@ -101,7 +101,7 @@ class Recipe:
         if self.max_error is not None:
             e = self.max_error
             if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
-                raise RecipeError(f"max_error must be a positive number (relative layer error) or null, got {e!r}")
+                raise RecipeError(f"max_error must be a positive number (relative model output error) or null, got {e!r}")
             self.max_error = float(e)
 
     # ------------------------------------------------------------------------------------------

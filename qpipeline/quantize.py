@@ -1,0 +1,478 @@
+"""Model surgery: replace a model's ``nn.Linear`` layers by ``QuantLinear``, one at a time.
+
+    report = quantize_model(model, "qwen-image", device="cuda")   # a recipe name, a Recipe, or a backend
+    print(report.format_table())
+
+``python -m qpipeline.quantize`` is the command-line job built on it (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from qkernels import QuantLinear, formats
+from qkernels.errors import (
+    BackendUnavailableError,
+    InputError,
+    QKernelsError,
+    RecipeError,
+    UnsupportedShapeError,
+)
+from qkernels.registry import resolve_backend
+
+from .recipe import RECIPES, SKIP, Recipe, get_recipe
+
+__all__ = ["quantize_model", "QuantReport", "LayerReport", "main"]
+
+# Probe: this many seeded random rows per layer; the relative error of the layer's output is
+# measured on them against the high-precision layer. 64 rows put the sampling spread of a
+# relative Frobenius error (~1/sqrt(64 * N)) far below the int8/fp8 errors it measures (~1e-2).
+PROBE_TOKENS = 64
+PROBE_SEED = 1234
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    format: str | None  # None: kept in high precision
+    backend: str | None
+    reason: str | None  # why the layer was kept (None when quantized)
+    bytes_before: int
+    bytes_after: int
+    error: float | None  # relative Frobenius error of the output on the probe rows
+    activation: str | None = None  # "dynamic" / "static" / "weight-only"
+    smoothed: bool = False
+
+
+@dataclass
+class QuantReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    recipe: dict | None = None
+    device: str = "cpu"
+    seconds: float = 0.0
+    model_bytes_before: int = 0  # every parameter and persistent buffer, shared tensors once
+    model_bytes_after: int = 0
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [l for l in self.layers if l.format is not None]
+
+    @property
+    def kept(self) -> list[LayerReport]:
+        return [l for l in self.layers if l.format is None]
+
+    @property
+    def bytes_before(self) -> int:
+        return self.model_bytes_before
+
+    @property
+    def bytes_after(self) -> int:
+        return self.model_bytes_after
+
+    @property
+    def ratio(self) -> float:
+        return self.model_bytes_after / self.model_bytes_before if self.model_bytes_before else float("nan")
+
+    @property
+    def max_error(self) -> float | None:
+        errs = [l.error for l in self.quantized if l.error is not None]
+        return max(errs) if errs else None
+
+    @property
+    def mean_error(self) -> float | None:
+        errs = [l.error for l in self.quantized if l.error is not None]
+        return sum(errs) / len(errs) if errs else None
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "recipe": self.recipe,
+            "totals": {
+                "layers": len(self.layers),
+                "quantized": len(self.quantized),
+                "kept": len(self.kept),
+                "bytes_before": self.model_bytes_before,
+                "bytes_after": self.model_bytes_after,
+                "ratio": self.ratio,
+                "max_error": self.max_error,
+                "mean_error": self.mean_error,
+                "seconds": self.seconds,
+            },
+            "layers": [asdict(l) for l in self.layers],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantReport":
+        t = d.get("totals", {})
+        return cls(layers=[LayerReport(**l) for l in d.get("layers", [])], recipe=d.get("recipe"),
+                   device=d.get("device", "cpu"), seconds=t.get("seconds", 0.0),
+                   model_bytes_before=t.get("bytes_before", 0), model_bytes_after=t.get("bytes_after", 0))
+
+    def totals_line(self) -> str:
+        err = ("n/a" if self.max_error is None
+               else f"max {self.max_error:.2e}, mean {self.mean_error:.2e}")
+        return (f"{len(self.quantized)} of {len(self.layers)} Linear layers quantized; "
+                f"{_mb(self.model_bytes_before)} -> {_mb(self.model_bytes_after)} "
+                f"({self.ratio:.3f}x); layer error vs high precision: {err}; {self.seconds:.1f} s")
+
+    def format_table(self) -> str:
+        head = ("layer", "in", "out", "format", "backend / kept because", "MB before", "MB after", "rel err")
+        rows = []
+        for l in self.layers:
+            what = l.backend + ("" if l.activation in (None, "dynamic", "weight-only") else f" ({l.activation})") \
+                + (" +smooth" if l.smoothed else "") if l.format else f"kept: {l.reason}"
+            rows.append((l.name, str(l.in_features), str(l.out_features), l.format or "-", what,
+                         f"{l.bytes_before / 2**20:.2f}", f"{l.bytes_after / 2**20:.2f}",
+                         "-" if l.error is None else f"{l.error:.2e}"))
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        right = {1, 2, 5, 6, 7}
+
+        def fmt(r):
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+        return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows), "", self.totals_line()])
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, a tensor shared by two modules once."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def as_recipe(recipe_or_backend: Recipe | str | dict) -> Recipe:
+    """A Recipe from a Recipe, a dict, a built-in recipe name, or a backend name (generic rules)."""
+    if isinstance(recipe_or_backend, Recipe):
+        return recipe_or_backend
+    if isinstance(recipe_or_backend, dict):
+        return Recipe.from_dict(recipe_or_backend)
+    if isinstance(recipe_or_backend, str):
+        if recipe_or_backend in RECIPES:
+            return get_recipe(recipe_or_backend)
+        return get_recipe("generic").replace(backend=recipe_or_backend, name=None)
+    raise RecipeError(f"expected a Recipe, a recipe name or a backend name, got {type(recipe_or_backend).__name__}")
+
+
+def _linear_sites(model: nn.Module) -> list[tuple[str, list[tuple[nn.Module, str]]]]:
+    """``(qualified name, [(parent, attribute), ...])`` for each distinct nn.Linear; a Linear
+    reachable under two names is quantized once and replaced at every site. Modules themselves
+    are not held, so each high-precision layer is freed as soon as it is replaced."""
+    sites: dict[int, tuple[str, list]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if isinstance(child, nn.Linear):
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                sites.setdefault(id(child), (name, []))[1].append((parent, attr))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(sites.values(), key=lambda s: order.get(s[0], len(order)))
+
+
+def _probe(k: int, dtype: torch.dtype, device: torch.device, stats) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
+    x = torch.randn(PROBE_TOKENS, k, generator=g)
+    if stats is not None:
+        # match the calibrated per-channel range, so a static scale sees inputs like its own
+        amax = stats.channel_amax.detach().float().cpu().clamp_min(1e-6)
+        x = (x * amax / 3).clamp(-amax, amax)
+    return x.to(device=device, dtype=dtype)
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double(), ref.double()
+    den = ref.norm()
+    return float((y - ref).norm() / den) if den > 0 else float((y - ref).norm())
+
+
+def _smoothing_factors(channel_amax, weight, alpha):
+    from calibration.smoothquant import smoothing_factors  # lazy: qpipeline works without calibration
+
+    return smoothing_factors(channel_amax, weight, alpha)
+
+
+@torch.no_grad()
+def _quantize_one(name, linear: nn.Linear, recipe: Recipe, backend_name: str, calibration, device):
+    """Returns (QuantLinear or None, LayerReport). Holds no reference to ``linear`` afterwards."""
+    n, k = linear.out_features, linear.in_features
+    before = sum(t.numel() * t.element_size() for t in (linear.weight, linear.bias) if t is not None)
+
+    def kept(reason):
+        return None, LayerReport(name, k, n, None, None, reason, before, before, None)
+
+    if backend_name == SKIP:
+        return kept("recipe rule")
+    if k < recipe.min_features or n < recipe.min_features:
+        return kept(f"in/out features below min_features={recipe.min_features}")
+    if linear.weight.dtype not in _FLOAT_DTYPES:
+        return kept(f"weight dtype {linear.weight.dtype} is not bf16/fp16/fp32")
+    dev = linear.weight.device
+    # The device must be able to run the backend at all (an error for the whole run) ...
+    resolve_backend(backend_name, dev, format=recipe.format)
+    # ... while a shape it cannot take keeps just this layer in high precision.
+    try:
+        chosen = resolve_backend(backend_name, dev, format=recipe.format, shape=(k, n))
+    except (UnsupportedShapeError, BackendUnavailableError) as exc:
+        return kept(str(exc))
+    fmt = formats.get_format(chosen.format)
+
+    stats = calibration.for_layer(name) if calibration is not None else None
+    activation, input_scale, smooth = "dynamic", None, None
+    if not fmt.quantizes_activations:
+        activation = "weight-only"
+    else:
+        if stats is not None and recipe.smoothquant_alpha is not None:
+            smooth = _smoothing_factors(stats.channel_amax.to(dev), linear.weight, recipe.smoothquant_alpha)
+        if recipe.activation == "static":
+            if stats is None:
+                warnings.warn(f"{name}: no calibration statistics for this layer; its activations stay dynamic",
+                              stacklevel=3)
+            else:
+                amax = stats.amax.to(dev, torch.float32)
+                if smooth is not None:
+                    # the kernel scales x / smooth: its abs-max is that of the smoothed channels
+                    amax = (stats.channel_amax.to(dev, torch.float32) / smooth).max()
+                input_scale = formats.static_scale_from_amax(amax, fmt)
+                activation = "static"
+
+    x = _probe(k, linear.weight.dtype, dev, stats)
+    ref = linear(x)
+    q = QuantLinear.from_linear(linear, chosen.name, format=chosen.format,
+                                activation="static" if input_scale is not None else "dynamic",
+                                input_scale=input_scale, input_smooth=smooth)
+    err = _rel_error(q(x), ref)
+    return q, LayerReport(name, k, n, chosen.format, chosen.name, None, before, q.nbytes(), err,
+                          activation, smooth is not None)
+
+
+def _move_non_linear(model: nn.Module, device: torch.device) -> None:
+    for m in model.modules():
+        if not isinstance(m, nn.Linear):
+            m._apply(lambda t: t.to(device), recurse=False)
+
+
+def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "generic", calibration=None,
+                   device: torch.device | str | None = None) -> QuantReport:
+    """Replace ``model``'s ``nn.Linear`` layers by ``QuantLinear`` in place, one at a time.
+
+    ``recipe_or_backend_name``: a :class:`Recipe`, a built-in recipe name (``generic``,
+    ``qwen-image``) or a backend name (``auto``, ``int8-torch``, ...; generic rules).
+    ``calibration``: an object with ``for_layer(name) -> stats | None``, stats having
+    ``channel_amax`` [K] and ``amax`` [] (``calibration.ActivationStats``); needed for static
+    activations, and for SmoothQuant when the recipe sets ``smoothquant_alpha``.
+    ``device``: if given, each Linear is moved there just before it is quantized, and the rest of
+    the model is moved too; peak memory on the device is the result plus one high-precision
+    layer. Without it each layer is quantized where it lies.
+
+    A layer the backend cannot take (shape) stays high precision with its reason in the report.
+    """
+    t0 = time.perf_counter()
+    recipe = as_recipe(recipe_or_backend_name)
+    if recipe.activation == "static" and calibration is None:
+        raise RecipeError("activation 'static' needs calibration statistics (calibration=..., or --calibration); "
+                          "use activation 'dynamic' without them")
+    if calibration is not None and not callable(getattr(calibration, "for_layer", None)):
+        raise RecipeError(f"calibration must have a for_layer(name) method, got {type(calibration).__name__}")
+    device = torch.device(device) if device is not None else None
+    sites = _linear_sites(model)
+    report = QuantReport(recipe=recipe.to_dict(), model_bytes_before=model_bytes(model))
+    if device is not None:
+        _move_non_linear(model, device)
+    report.device = str(device if device is not None else next(iter(model.state_dict().values()), torch.empty(0)).device)
+
+    used_rules = set()
+    from tqdm.auto import tqdm
+
+    for name, places in tqdm(sites, desc="quantizing", unit="layer", disable=None, leave=False):
+        parent, attr = places[0]
+        backend_name, rule = recipe.backend_for(name)
+        if rule is not None:
+            used_rules.add(rule)
+        linear = parent._modules[attr]
+        if device is not None:
+            linear.to(device)
+        q, row = _quantize_one(name, linear, recipe, backend_name, calibration, device)
+        if row.reason == "recipe rule":
+            row.reason = f"recipe rule {recipe.rules[rule][0]!r}"
+        del linear
+        if q is not None:
+            for p, a in places:
+                setattr(p, a, q)
+        del q
+        report.layers.append(row)
+    for i, (pattern, backend) in enumerate(recipe.rules):
+        if i not in used_rules:
+            warnings.warn(f"recipe rule {i} ({pattern!r} -> {backend}) matched no Linear layer", stacklevel=2)
+    report.model_bytes_after = model_bytes(model)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ==============================================================================================
+# command line
+
+
+class _CLIError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise _CLIError(message)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m qpipeline.quantize",
+                description="Quantize a model's Linear layers to int8/fp8 and write a safetensors checkpoint.")
+    p.add_argument("--model", help="a diffusers model folder (its transformer/ subfolder is used), a folder with "
+                   "config.json + *.safetensors, or one .safetensors file with --config. Default: the built-in "
+                   "demo transformer of the Qwen-Image architecture, with random weights")
+    p.add_argument("--config", help="config.json for a single .safetensors --model")
+    p.add_argument("--backend", default="auto", help="backend name, or auto (default); see python -m qkernels")
+    p.add_argument("--format", help="narrow auto to one format: w8a8-int8, w8a8-fp8, w8-int8, w8-fp8")
+    p.add_argument("--recipe", help="built-in recipe name (generic, qwen-image) or a recipe JSON file; "
+                   "default qwen-image for Qwen-Image models, else generic")
+    p.add_argument("--calibration", help="activation statistics file (from python -m calibration.collect)")
+    p.add_argument("--activation", choices=["dynamic", "static"], help="override the recipe's activation mode")
+    p.add_argument("--out", default="out/quantized", help="output folder (default out/quantized)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--report", help="also write the per-layer report as JSON here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to quantize (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="high-precision dtype (default bf16)")
+    return p
+
+
+def _is_qwen_image(model) -> bool:
+    return type(model).__name__ in ("QwenImageTransformer2DModel",)
+
+
+def _load_cli_model(args, dtype):
+    from .checkpoint import load_pretrained
+
+    if args.model is None:
+        from .demo import build_demo_transformer
+
+        print("model: built-in demo transformer (Qwen-Image architecture, size 'small'); its weights are "
+              "RANDOM (seeded), so its errors say nothing about image quality", flush=True)
+        return build_demo_transformer("small", dtype=dtype)
+    path = Path(args.model)
+    if not path.exists():
+        raise _CLIError(f"--model {args.model}: no such file or folder")
+    model = load_pretrained(path, config=args.config, dtype=dtype)
+    print(f"model: {type(model).__name__} from {path}", flush=True)
+    return model
+
+
+def _run(argv) -> int:
+    args = _parser().parse_args(argv)
+    dtype = _DTYPES[args.dtype]
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise _CLIError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _CLIError("--device cuda, but torch sees no CUDA device")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise _CLIError(f"--out {out} already exists; pass --overwrite to replace it")
+    if args.config and not args.model:
+        raise _CLIError("--config is for a single .safetensors --model")
+
+    # Recipe first: a bad recipe or backend should fail before a large model is loaded.
+    if args.recipe and args.recipe not in RECIPES:
+        if not Path(args.recipe).is_file():
+            raise _CLIError(f"--recipe {args.recipe!r} is neither a built-in recipe ({', '.join(RECIPES)}) nor a file")
+        recipe = Recipe.from_json(Path(args.recipe))
+    else:
+        recipe = get_recipe(args.recipe or "generic")
+    changes = {}
+    if args.backend != "auto" or args.recipe is None:
+        changes["backend"] = args.backend
+    if args.format:
+        changes["format"] = args.format
+    if args.activation:
+        changes["activation"] = args.activation
+    recipe = recipe.replace(**changes)  # validates
+    resolve_backend(recipe.backend, device, format=recipe.format)  # can it run here at all?
+
+    calibration_path = args.calibration
+    if recipe.activation == "static" and not calibration_path:
+        raise _CLIError("--activation static needs --calibration (statistics from python -m calibration.collect)")
+
+    model = _load_cli_model(args, dtype)
+    if args.recipe is None and _is_qwen_image(model):
+        recipe = get_recipe("qwen-image").replace(**{"backend": args.backend, **changes})
+    print(f"recipe: {recipe.name or 'custom'} (backend {recipe.backend}"
+          + (f", format {recipe.format}" if recipe.format else "") + f", activation {recipe.activation}); "
+          f"device {device}", flush=True)
+
+    calibration = None
+    if calibration_path:
+        try:
+            from calibration import ActivationStats
+        except ImportError:
+            raise _CLIError("--calibration needs calibration.ActivationStats, which this installation does not "
+                            "have yet") from None
+        calibration = ActivationStats.load(calibration_path, model)
+
+    report = quantize_model(model, recipe, calibration=calibration, device=device)
+    print(report.format_table(), flush=True)
+
+    from .checkpoint import save_quantized
+
+    t = time.perf_counter()
+    written = save_quantized(model, out, report, overwrite=args.overwrite)
+    print(f"wrote {written} in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.report:
+        report.to_json(args.report)
+        print(f"report: {args.report}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m qpipeline.quantize``; returns the exit status."""
+    try:
+        return _run(argv)
+    except _CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except QKernelsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

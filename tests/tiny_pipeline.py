@@ -17,6 +17,8 @@ Sizes follow what the pipeline expects:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
@@ -128,3 +130,21 @@ def reference_images(n: int = 1, size: int = 32, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def small_vae_references(pixels: int = 64 * 64):
+    """Lower the edit pipeline's reference resize target (``VAE_IMAGE_SIZE``, ~1 MP) for tests.
+
+    At 1 MP the tiny VAE's encoder alone takes 5-9 s per call on 2 CPU cores (memory-bound
+    pads and norms over 1024x1024xC activations) and adds 4096 reference tokens; at 64x64 px it
+    is 64 tokens and milliseconds. Only that constant changes: every code path is the pipeline's.
+    """
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    old = edit_plus.VAE_IMAGE_SIZE
+    edit_plus.VAE_IMAGE_SIZE = pixels
+    try:
+        yield
+    finally:
+        edit_plus.VAE_IMAGE_SIZE = old

@@ -115,6 +115,7 @@ def quant_layers(model):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quantized_engine_matches_bf16_and_reuses_the_model(pipe_dir, images, bf16_image, capsys):
     engine = Engine(pipe_dir, backend="int8-torch", device="cpu")
     engine.load()
@@ -161,6 +162,7 @@ def test_quantized_checkpoint_loads_without_bf16_transformer_weights(pipe_dir, q
         Engine(stripped, backend="int8-torch", device="cpu").load()
 
 
+@pytest.mark.slow
 def test_lora_merged_at_load_and_runtime_on_checkpoint_agree(pipe_dir, quantized_dir, lora_file, images,
                                                              bf16_image, tmp_path):
     ref = Engine(pipe_dir, backend="bf16", lora=lora_file, device="cpu").generate(images, **GEN)

@@ -12,6 +12,7 @@ from .errors import (
     CalibrationError,
     CheckpointError,
     InputError,
+    LoRAError,
     QKernelsError,
     RecipeError,
     UnsupportedShapeError,
@@ -38,5 +39,6 @@ __all__ = [
     "CheckpointError",
     "CalibrationError",
     "RecipeError",
+    "LoRAError",
     "__version__",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "CalibrationError",
     "RecipeError",
+    "LoRAError",
 ]
 
 
@@ -44,3 +45,8 @@ class CalibrationError(QKernelsError, ValueError):
 
 class RecipeError(QKernelsError, ValueError):
     """A recipe that cannot be parsed or applied."""
+
+
+class LoRAError(QKernelsError, ValueError):
+    """A LoRA that does not fit the model: keys matching no layer, wrong shapes, or a merge into
+    an already-quantized layer."""

@@ -18,6 +18,11 @@ _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FIXED_DTYPE = ("weight", "weight_scale", "input_scale", "input_smooth")
 
 
+def _apply_float(fn, t: torch.Tensor) -> torch.Tensor:
+    moved = fn(t)
+    return moved if moved.dtype in _INPUT_DTYPES else t.to(moved.device)
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored in an 8-bit format.
 
@@ -51,6 +56,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, **empty) if bias else None)
         self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, **empty) if static else None)
         self.register_buffer("input_smooth", torch.empty(in_features, dtype=torch.float32, **empty) if smooth else None)
+        # Run-time low-rank branches: name -> (A [r, K], B [N, r], scale), in a compute dtype and
+        # never in the state dict, so a checkpoint stays format-pure (see add_lora).
+        self._loras: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._backend: Backend
         if device.type == "meta":
             # Tensors arrive later (load_quantized); the backend is chosen for the real device then.
@@ -151,7 +159,59 @@ class QuantLinear(nn.Module):
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
         y = self._backend.forward(self, x2d)
+        if self._loras:
+            y = self._add_loras(x2d, y)
         return y.reshape(*lead, self.out_features)
+
+    # ----------------------------------------------------------------------------------------
+    # run-time LoRA
+
+    def add_lora(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
+                 dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        """Attach ``y += scale * (x @ A.T) @ B.T`` (A [r, K], B [N, r]) beside the quantized GEMM.
+
+        A and B are kept in ``dtype`` (a 16/32-bit float; default bf16), never in 8 bits: they
+        follow ``model.to(dtype)`` like any float tensor but not a cast to an 8-bit type, and are
+        not in ``state_dict()``. The branch is computed in the input's dtype: 2 * M * r * (K + N)
+        extra FLOPs, ~1.3% of the layer's at r = 32, K = N = 3072. An always-on LoRA (Lightning)
+        is better merged into the weights before quantizing (``qpipeline.lora.merge``).
+        """
+        if not isinstance(name, str) or not name:
+            raise InputError(f"a LoRA name must be a non-empty string, got {name!r}")
+        if name in self._loras:
+            raise InputError(f"LoRA {name!r} is already attached; remove_lora({name!r}) first")
+        if dtype not in _INPUT_DTYPES:
+            raise InputError(f"LoRA dtype must be one of bfloat16, float16, float32, got {dtype}")
+        for t, what in ((A, "A"), (B, "B")):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise InputError(f"LoRA {name!r}: {what} must be a 2-D tensor")
+            if not t.is_floating_point() or t.element_size() < 2:
+                raise InputError(f"LoRA {name!r}: {what} is {t.dtype}; LoRA weights must be 16/32-bit "
+                                 "floats (a LoRA cast to 8 bits has lost most of its precision)")
+        r = A.shape[0]
+        if A.shape != (r, self.in_features) or B.shape != (self.out_features, r) or r == 0:
+            raise InputError(f"LoRA {name!r}: expected A [r, {self.in_features}] and B [{self.out_features}, r], "
+                             f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
+        device = self.weight.device
+        self._loras[name] = (A.detach().to(device, dtype), B.detach().to(device, dtype), float(scale))
+        return self
+
+    def remove_lora(self, name: str) -> "QuantLinear":
+        if name not in self._loras:
+            raise InputError(f"no LoRA {name!r} on this layer; attached: {', '.join(self._loras) or 'none'}")
+        del self._loras[name]
+        return self
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        return tuple(self._loras)
+
+    def _add_loras(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for A, B, scale in self._loras.values():
+            # `.to` is a no-op when the branch is already in the input dtype (the usual case).
+            h = x @ A.to(x.dtype).t()
+            y = torch.addmm(y, h, B.to(x.dtype).t(), alpha=scale)  # y + scale * h @ B.T, one pass
+        return y
 
     # ----------------------------------------------------------------------------------------
     # nn.Module plumbing
@@ -168,6 +228,9 @@ class QuantLinear(nn.Module):
             self._buffers[name] = None
         super()._apply(fn, recurse)
         self._buffers.update(fixed)
+        # LoRA tensors follow device and compute dtype, but never an 8-bit dtype.
+        for name, (A, B, scale) in self._loras.items():
+            self._loras[name] = (_apply_float(fn, A), _apply_float(fn, B), scale)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -187,7 +250,8 @@ class QuantLinear(nn.Module):
             "static" if self.input_scale is not None else "dynamic")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format}, backend={self.backend}, "
-                f"activation={act}" + (", smoothed" if self.input_smooth is not None else ""))
+                f"activation={act}" + (", smoothed" if self.input_smooth is not None else "")
+                + (f", loras={list(self._loras)}" if self._loras else ""))
 
     def nbytes(self) -> int:
         """Bytes of the layer's tensors (what it costs in memory and on disk)."""

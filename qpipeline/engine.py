@@ -1,0 +1,185 @@
+"""A drop-in engine around a diffusers image-edit pipeline (Qwen-Image-Edit 2509 / 2511) whose
+transformer is quantized.
+
+    engine = Engine("Qwen-Image-Edit-2511/", quantized="q/", lora="lightning-8step.safetensors")
+    engine.load()                                   # prints the load time
+    image = engine.generate([photo], "make it snow", num_steps=8, true_cfg_scale=1.0, seed=0)
+
+Where the transformer comes from:
+* ``quantized=<dir>`` (from ``save_quantized``): built on the meta device and assigned from the
+  checkpoint straight onto ``device``; the pipeline folder's bf16 transformer is never read
+  (it may be absent). A ``lora`` is attached as a run-time bf16 branch on each QuantLinear
+  (a layer the checkpoint kept in bf16 gets it merged into its weight).
+* otherwise: the bf16 transformer is assigned from ``model_dir/transformer`` on the CPU, a
+  ``lora`` is merged into its bf16 weights in fp32 (the right place for an always-on Lightning
+  LoRA), then ``quantize_model(..., device=device)`` quantizes and moves one layer at a time,
+  so the device never holds a full bf16 copy. ``backend="bf16"`` skips quantization (the
+  reference engine).
+
+``generate`` calls are serialized by a lock, so one engine can sit behind a threaded web
+server. After ``unload()`` the next ``generate`` loads again (and prints it).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from qkernels.errors import CheckpointError, InputError
+
+from . import lora as qlora
+from .checkpoint import load_pretrained, load_quantized
+from .quantize import quantize_model
+from .recipe import get_recipe
+
+__all__ = ["Engine"]
+
+_TEXT_ENCODER_BACKENDS = ("int8-layerwise", "fp8-layerwise")
+LORA_NAME = "engine"
+
+
+class Engine:
+    """Load once, generate many times. See the module docstring.
+
+    ``backend``: ``auto``, ``bf16`` (no quantization) or any quantizing backend name; with
+    ``quantized`` it picks the kernel for the checkpoint's format. ``recipe``: the rules used
+    when quantizing at load (default ``qwen-image``: embedders, time embedding, ``norm_out``
+    and ``proj_out`` stay bf16). ``quantize_text_encoder``: False, True (``int8-layerwise``) or
+    ``"fp8-layerwise"``: weight-only 8-bit storage for the text encoder's Linear layers, which
+    halves its memory at the cost of a per-layer upcast (it runs once per prompt, not per step).
+    """
+
+    def __init__(self, model_dir, backend: str = "auto", quantized=None, lora=None, lora_scale: float = 1.0,
+                 device=None, quantize_text_encoder: bool | str = False, *, recipe: str = "qwen-image",
+                 dtype: torch.dtype = torch.bfloat16):
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "model_index.json").is_file():
+            raise CheckpointError(f"{self.model_dir} is not a diffusers pipeline folder (no model_index.json)")
+        if quantized is not None and not Path(quantized).is_dir():
+            raise CheckpointError(f"quantized checkpoint folder {quantized} does not exist")
+        if quantized is not None and backend == "bf16":
+            raise InputError("backend 'bf16' computes unquantized weights; it cannot run a quantized checkpoint")
+        if quantize_text_encoder is True:
+            quantize_text_encoder = "int8-layerwise"
+        if quantize_text_encoder and quantize_text_encoder not in _TEXT_ENCODER_BACKENDS:
+            raise InputError(f"quantize_text_encoder must be False, True or one of {', '.join(_TEXT_ENCODER_BACKENDS)}, "
+                             f"got {quantize_text_encoder!r}")
+        self.backend, self.recipe, self.dtype = backend, recipe, dtype
+        self.quantized = Path(quantized) if quantized is not None else None
+        self.lora = qlora._as_lora(lora) if lora is not None else None  # read and checked now, not mid-load
+        self.lora_scale = float(lora_scale)
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.text_encoder_backend = quantize_text_encoder or None
+        self.pipeline = None
+        self.report = None  # QuantReport of the transformer when quantized at load
+        self.text_encoder_report = None
+        self.lora_layers: dict[str, list[str]] = {}
+        self.load_count = 0
+        self.load_seconds: float | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def transformer(self):
+        return None if self.pipeline is None else self.pipeline.transformer
+
+    def load(self) -> "Engine":
+        """Build the pipeline on ``device``; a no-op when already loaded."""
+        with self._lock:
+            self._load()
+        return self
+
+    def _load(self) -> None:
+        if self.pipeline is not None:
+            return
+        from diffusers import DiffusionPipeline
+
+        t0 = time.perf_counter()
+        transformer = self._load_transformer()
+        t_transformer = time.perf_counter() - t0
+        # Every other component from the pipeline folder; transformer=None: its weights are not read.
+        pipe = DiffusionPipeline.from_pretrained(str(self.model_dir), transformer=None, torch_dtype=self.dtype,
+                                                 local_files_only=True)
+        if self.text_encoder_backend:
+            self.text_encoder_report = quantize_model(pipe.text_encoder, self.text_encoder_backend, device=self.device)
+        for name in ("text_encoder", "vae"):
+            getattr(pipe, name).to(self.device)
+        pipe.register_modules(transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipeline = pipe
+        self.load_count += 1
+        self.load_seconds = time.perf_counter() - t0
+        what = ("bf16" if self.backend == "bf16" else
+                f"from {self.quantized}" if self.quantized else f"quantized at load ({self.backend})")
+        print(f"engine: loaded in {self.load_seconds:.2f} s on {self.device} "
+              f"(transformer {what}: {t_transformer:.2f} s)", flush=True)
+
+    def _load_transformer(self):
+        if self.quantized is not None:
+            model = load_quantized(self.quantized, device=self.device, backend=self.backend)
+            if self.lora is not None:
+                self.lora_layers = qlora.apply_runtime(model, self.lora, self.lora_scale, name=LORA_NAME)
+            return model
+        # bf16 weights assigned from the files on the CPU (built on meta: one copy, no fp32 pass)
+        model = load_pretrained(self.model_dir, dtype=self.dtype)
+        if self.lora is not None:
+            self.lora_layers = {"runtime": [], "merged": qlora.merge(model, self.lora, self.lora_scale)}
+        if self.backend == "bf16":
+            return model.to(self.device)
+        recipe = get_recipe(self.recipe).replace(backend=self.backend)
+        self.report = quantize_model(model, recipe, device=self.device)
+        return model
+
+    def unload(self) -> None:
+        """Drop the pipeline and free its device memory. A later ``generate`` loads again."""
+        with self._lock:
+            self.pipeline = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------
+
+    def generate(self, images, prompt: str, num_steps: int = 8, true_cfg_scale: float = 1.0, seed: int = 0,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                 output_type: str = "pil"):
+        """One edited image (PIL) from reference ``images`` (a PIL image or a list) and ``prompt``.
+
+        ``output_type="np"`` returns the decoded float32 [H, W, 3] array in [0, 1] instead (what
+        accuracy comparisons should use: the PIL image's 8-bit rounding floors PSNR near 48 dB).
+        ``seed`` drives a CPU generator, so the same seed gives the same initial noise on any
+        device. ``true_cfg_scale > 1`` runs classifier-free guidance (two transformer passes per
+        step) with ``negative_prompt`` (default " "); Lightning LoRAs use 1.0.
+        """
+        from PIL import Image
+
+        images = [images] if isinstance(images, Image.Image) else list(images or [])
+        if not images or not all(isinstance(i, Image.Image) for i in images):
+            raise InputError("images must be a PIL image or a non-empty list of PIL images")
+        if not isinstance(prompt, str) or not prompt:
+            raise InputError("prompt must be a non-empty string")
+        if output_type not in ("pil", "np"):
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
+        with self._lock:
+            self._load()
+            extra = {}
+            if true_cfg_scale > 1:
+                extra["negative_prompt"] = negative_prompt if negative_prompt is not None else " "
+            with torch.inference_mode():
+                out = self.pipeline(
+                    image=[i.convert("RGB") for i in images], prompt=prompt, num_inference_steps=num_steps,
+                    true_cfg_scale=true_cfg_scale, height=height, width=width,
+                    generator=torch.Generator(device="cpu").manual_seed(seed), output_type=output_type, **extra,
+                )
+            return out.images[0]

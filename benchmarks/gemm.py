@@ -137,6 +137,8 @@ def run(args) -> list[dict]:
         # activation quantization alone (qkernels.ops.quantize_per_token), once per (M, K)
         for fp8 in (False, True):
             name = "act-quant-fp8" if fp8 else "act-quant-int8"
+            if args.only and name not in args.only.split(","):
+                continue
             for m in ms:
                 row = dict(bench="act-quant", variant=name, family="qkernels-op",
                            format="w8a8-fp8" if fp8 else "w8a8-int8", M=m, K=k, n_buffers=len(inputs[m]),

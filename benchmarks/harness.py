@@ -162,7 +162,9 @@ def n_buffers_for(bytes_per_input: int, device: torch.device | str, *, max_buffe
 # environment record
 
 
-ENV_COLUMNS = ["device", "device_name", "torch", "triton", "cuda", "git_commit", "timestamp"]
+# load_avg: the 1-minute load average at the start; on a shared CPU machine a value above its
+# thread count means other processes competed for the cores and CPU timings are inflated.
+ENV_COLUMNS = ["device", "device_name", "torch", "triton", "cuda", "git_commit", "timestamp", "load_avg"]
 
 
 def _version(module: str) -> str:
@@ -222,6 +224,7 @@ def environment(device: torch.device | str) -> dict:
         "cuda": torch.version.cuda or "",
         "git_commit": _git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         # the JSON keeps these too; the CSV keeps ENV_COLUMNS only
         "python": platform.python_version(),
         "qkernels": qkernels.__version__,
@@ -374,7 +377,7 @@ def _clean(v):
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return None
-        return round(v, 6) if abs(v) >= 1e-3 else float(f"{v:.6g}")
+        return float(f"{v:.7g}")  # 7 significant digits, whatever the magnitude
     return v
 
 

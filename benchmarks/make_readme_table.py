@@ -1,0 +1,204 @@
+"""Markdown results section from a results folder (the README's tables are pasted from this).
+
+    python -m benchmarks.make_readme_table benchmarks/results/cpu > results.md
+    python -m benchmarks.make_readme_table OUT --out summary.md --csv all_rows.csv
+
+Reads every gemm.csv, accuracy.csv and e2e.csv under the folder (any depth) and prints, per
+file, the environment it was measured in and its tables. Every number comes from those rows;
+nothing is typed in by hand. ``--csv`` also writes all rows of all files as one long CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+KINDS = ("gemm", "accuracy", "e2e")
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _env_line(rows: list[dict], source: str) -> str:
+    r = rows[0]
+    load = f", load avg {r['load_avg']}" if r.get("load_avg") else ""
+    cuda = f", CUDA {r['cuda']}" if r.get("cuda") else ""
+    return (f"*{r.get('device_name', '?')}; torch {r.get('torch', '?')}{cuda}, triton {r.get('triton') or '-'}; "
+            f"commit {r.get('git_commit') or '?'}; {r.get('timestamp', '?')}{load}; from `{source}`.*")
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _not_run(rows: list[dict]) -> str:
+    out = sorted({(r["variant"], r["status"]) for r in rows if r.get("status") not in ("ok", "") and not r.get("M")
+                  and not r.get("case")})
+    if not out:
+        return ""
+    return "\nNot measured here: " + "; ".join(f"`{v}` ({s})" for v, s in out) + ".\n"
+
+
+def gemm_section(rows: list[dict], source: str) -> str:
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("bench") in ("gemm", "raw-kernel")]
+    parts = [_env_line(rows, source), ""]
+    parts.append("Speedup over bf16 `F.linear` at each token count M (median; `raw-*` are bare kernels "
+                 "on pre-quantized operands, no activation quantization). bf16 row: its median ms.\n")
+    shapes = sorted({(int(r["K"]), int(r["N"])) for r in ok})
+    for k, n in shapes:
+        sel = [r for r in ok if (int(r["K"]), int(r["N"])) == (k, n)]
+        ms = sorted({int(r["M"]) for r in sel})
+        names = list(dict.fromkeys(r["variant"] for r in sel))
+        body = []
+        for name in names:
+            cells = []
+            for m in ms:
+                r = next((r for r in sel if r["variant"] == name and int(r["M"]) == m), None)
+                if r is None:
+                    cells.append("")
+                elif name == "bf16":
+                    cells.append(f"{_num(r['median_ms']):.3g} ms")
+                else:
+                    sp = _num(r.get("speedup_vs_bf16"))
+                    pct = _num(r.get("pct_of_peak"))
+                    cells.append("" if sp is None else f"{sp:.2f}x" + (f" ({pct:.0f}%)" if pct is not None else ""))
+            body.append([f"`{name}`"] + cells)
+        parts.append(f"**K={k}, N={n}** (cells: speedup, and % of the device's peak where known)\n")
+        parts.append(_table(["variant"] + [f"M={m}" for m in ms], body))
+        parts.append("")
+    aq = [r for r in rows if r.get("status") == "ok" and r.get("bench") == "act-quant"]
+    if aq:
+        body = [[f"`{r['variant']}`", r["M"], r["K"], f"{_num(r['median_ms']):.4g}", f"{_num(r['gbps']):.1f}"]
+                for r in aq]
+        parts.append("Activation quantization alone (`qkernels.ops.quantize_per_token`):\n")
+        parts.append(_table(["op", "M", "K", "median ms", "GB/s"], body))
+    parts.append(_not_run(rows))
+    return "\n".join(parts)
+
+
+def accuracy_section(rows: list[dict], source: str) -> str:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    cases = list(dict.fromkeys(r["case"] for r in ok))
+    names = list(dict.fromkeys(r["variant"] for r in ok))
+    body = []
+    for name in names:
+        cells = []
+        for c in cases:
+            f64 = next((r for r in ok if r["variant"] == name and r["case"] == c and r["reference"] == "float64"), None)
+            b16 = next((r for r in ok if r["variant"] == name and r["case"] == c and r["reference"] == "bf16"), None)
+            cell = "" if f64 is None else f"{_num(f64['sqnr_db']):.1f}"
+            if b16 is not None:
+                cell += f" / {_num(b16['sqnr_db']):.1f}"
+            cells.append(cell)
+        body.append([f"`{name}`"] + cells)
+    shapes = {r["case"]: r.get("shape", "") for r in ok}
+    parts = [_env_line(rows, source), "",
+             "SQNR in dB against float64 / against the bf16 result (higher is better; 40 dB = 1% relative "
+             "error). Demo weights are seeded random: this measures arithmetic, not image quality.\n",
+             _table(["variant"] + cases, body), "",
+             "Cases: " + "; ".join(f"{c}: {s}" for c, s in shapes.items()) + ".", _not_run(rows)]
+    return "\n".join(parts)
+
+
+def e2e_section(rows: list[dict], source: str) -> str:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    body = []
+    for r in ok:
+        sp = _num(r.get("speedup_vs_bf16"))
+        body.append([
+            f"`{r['variant']}`", f"{_num(r['median_ms']):.1f}", "" if sp is None else f"{sp:.2f}x",
+            f"{_num(r['weight_bytes']) / 1e9:.2f}", f"{_num(r['peak_mem_bytes']) / 1e9:.2f}",
+            f"{_num(r['rel_error_vs_bf16']):.2e}" if _num(r.get("rel_error_vs_bf16")) is not None else "",
+            f"{_num(r['ms_60_blocks_extrapolated']):.0f}", f"{_num(r['weight_gb_60_blocks_extrapolated']):.1f}",
+            f"{_num(r['load_s']):.2f}" if _num(r.get("load_s")) is not None else "",
+        ])
+    head = ok[0] if ok else (rows[0] if rows else {})
+    what = (f"`{head.get('size')}` demo transformer, {head.get('blocks')} blocks, {head.get('height')}x"
+            f"{head.get('width')}{' + reference' if head.get('reference') == 'True' else ''}, "
+            f"{head.get('tokens')} tokens; peak memory by {head.get('mem_method')}.")
+    load_notes = sorted({r.get("load_status", "") for r in ok if r.get("load_status") not in ("ok", "", None)})
+    parts = [_env_line(rows, source), "", what + "\n",
+             _table(["variant", "forward ms", "speedup", "weights GB", "peak GB", "rel. err vs bf16",
+                     "60 blocks ms (extrapolated)", "60 blocks weights GB (extrapolated)", "load s"], body),
+             ""]
+    if load_notes:
+        parts.append("Load column: " + "; ".join(load_notes) + ".")
+    parts.append(_not_run(rows))
+    return "\n".join(parts)
+
+
+SECTIONS = {"gemm": ("GEMM", gemm_section), "accuracy": ("Accuracy", accuracy_section),
+            "e2e": ("End to end", e2e_section)}
+
+
+def find(folder: Path) -> list[tuple[str, Path]]:
+    found = []
+    for kind in KINDS:
+        for p in sorted(folder.rglob(f"{kind}.csv")):
+            found.append((kind, p))
+    return found
+
+
+def render(folder: Path) -> str:
+    out = ["## Results", ""]
+    for kind, path in find(folder):
+        rows = _read(path)
+        if not rows:
+            continue
+        title, fn = SECTIONS[kind]
+        rel = path.relative_to(folder)
+        out += [f"### {title} ({rel.parent if str(rel.parent) != '.' else kind})", "", fn(rows, str(rel)), ""]
+    if len(out) == 2:
+        out.append(f"(no gemm.csv, accuracy.csv or e2e.csv under {folder})")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def combined_csv(folder: Path, dest: Path) -> int:
+    rows, cols = [], ["source"]
+    for _, path in find(folder):
+        for r in _read(path):
+            rows.append({"source": str(path.relative_to(folder)), **r})
+            cols += [c for c in r if c not in cols]
+    with open(dest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.make_readme_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a results folder (searched recursively)")
+    p.add_argument("--out", default=None, help="write the Markdown here (default: stdout)")
+    p.add_argument("--csv", default=None, help="also write every row of every file as one CSV")
+    args = p.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder", file=sys.stderr)
+        return 2
+    text = render(folder)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    if args.csv:
+        combined_csv(folder, Path(args.csv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

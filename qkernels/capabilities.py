@@ -62,6 +62,26 @@ def fp8_gemm_reason(device: torch.device) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_rowwise_scaled_mm_reason() -> str | None:
+    # CPU rowwise _scaled_mm exists in some torch releases only (2.13 has it; 2.11 says "only
+    # supports per-tensor scaling for CPU backend"), so ask torch once with a 16x16 product.
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"this torch ({torch.__version__}) has no rowwise-scaled fp8 _scaled_mm on CPU: {first}"
+    return None
+
+
+def scaled_mm_rowwise_reason(device: torch.device) -> str | None:
+    """``torch._scaled_mm`` with e4m3 operands and rowwise (per-token x per-channel) scales."""
+    if device.type == "cpu":
+        return _cpu_rowwise_scaled_mm_reason()
+    return fp8_gemm_reason(device)
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

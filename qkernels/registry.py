@@ -84,8 +84,8 @@ class BackendRow(NamedTuple):
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("int8-triton", "fp8-scaled-mm", "int8-cublaslt", "int8-torch", "fp8-triton",
              "int8-layerwise", "fp8-layerwise"),
-    "cpu": ("int8-torch", "fp8-scaled-mm", "int8-layerwise", "fp8-layerwise", "int8-triton",
-            "fp8-triton", "int8-cublaslt"),
+    # Triton on CPU is the interpreter (tests only): auto never picks it.
+    "cpu": ("int8-torch", "fp8-scaled-mm", "int8-layerwise", "fp8-layerwise"),
 }
 
 

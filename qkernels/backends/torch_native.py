@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import gemms
-from ..capabilities import fp8_gemm_reason
+from ..capabilities import scaled_mm_rowwise_reason
 from ..registry import Backend, register_backend
 
 
@@ -60,7 +60,7 @@ class FP8ScaledMM(Backend):
     description = "torch._scaled_mm, e4m3 x e4m3, rowwise fp32 scales, bias in the GEMM"
 
     def unavailable_reason(self, device):
-        return super().unavailable_reason(device) or fp8_gemm_reason(device)
+        return super().unavailable_reason(device) or scaled_mm_rowwise_reason(device)
 
     def unsupported_shape_reason(self, in_features, out_features):
         return _multiple_of(in_features, out_features, 16, "torch._scaled_mm")

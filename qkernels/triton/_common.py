@@ -235,6 +235,8 @@ def check_out_dtype(dtype: torch.dtype) -> None:
 # mma.sync tiles of 16/32 rows and take a wide K slice, since those shapes are bound by reading W.
 CONFIGS_8BIT = INTERPRET_CONFIGS if INTERPRET else [
     cfg(128, 256, 128, 3, 8),
+    cfg(128, 256, 128, 4, 8),
+    cfg(256, 128, 128, 3, 8),
     cfg(128, 128, 128, 4, 8),
     cfg(128, 128, 128, 4, 4),
     cfg(128, 256, 64, 4, 8),

@@ -20,7 +20,7 @@ MARGIN = 1.5
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error ||y - ref|| / ||ref||, in float64."""
-    y, ref = y.double(), ref.double()
+    y, ref = y.double(), ref.to(y.device).double()
     return ((y - ref).norm() / ref.norm()).item()
 
 

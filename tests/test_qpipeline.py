@@ -328,8 +328,10 @@ def test_quantize_onto_cuda_layer_by_layer():
     assert report.device == "cuda" and all(t.is_cuda for t in model.state_dict().values())
     grown = torch.cuda.max_memory_allocated() - base
     # the quantized model (128 MiB) + one bf16 layer (32 MiB) + quantize_weight's fp32 row chunks
-    # (16 MiB each, up to 4 alive) = 224 MiB; the whole bf16 model beside it would add 256 MiB
-    assert grown <= report.bytes_after + 32 * 2**20 + 64 * 2**20, grown / 2**20
+    # (16 MiB each, up to 4 alive) + the error probe's inputs/outputs and the allocator's 2 MiB
+    # blocks (8 MiB) = 232 MiB (measured on H100: 225 MiB); the whole bf16 model beside it would
+    # add 256 MiB
+    assert grown <= report.bytes_after + 32 * 2**20 + 64 * 2**20 + 8 * 2**20, grown / 2**20
 
     tiny = build_demo_transformer("tiny")  # on the CPU
     cpu_copy = copy.deepcopy(tiny)

@@ -99,9 +99,10 @@ def dequant_epilogue(
 ) -> torch.Tensor:
     """``acc * a_scale[m] * w_scale[n] (+ bias)`` in fp32, then cast: the order every int8
     kernel's epilogue uses (int32 * scale overflows bf16's precision, so never in bf16)."""
-    y = acc.float() * a_scale[:, None] * w_scale[None, :]
+    y = acc.float()  # a fresh tensor: the rest is in place (no [M, N] temporaries)
+    y.mul_(a_scale[:, None]).mul_(w_scale[None, :])
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(out_dtype)
 
 

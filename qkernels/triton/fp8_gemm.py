@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    TunedLaunch,
     AUTOTUNE_KEY, CONFIGS_8BIT, check_gemm, check_out_dtype, check_vector, even_k, gemm_grid, grouped_tile,
     m_bucket, prune_by_m, store_scaled,
 )
@@ -62,6 +63,9 @@ def _fp8_gemm_kernel(
     store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
+_fp8_gemm_launch = TunedLaunch(_fp8_gemm_kernel)
+
+
 def fp8_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -78,9 +82,12 @@ def fp8_gemm(
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return c
-    _fp8_gemm_kernel[gemm_grid(m, n)](
+    mb = m_bucket(m)
+    key = (a.device, mb, n, k, out_dtype, None if bias is None else bias.dtype)
+    _fp8_gemm_launch(
+        gemm_grid(m, n), key,
         a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
-        m, n, k, m_bucket(m),
+        m, n, k, mb,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None,
         enable_fp_fusion=False,

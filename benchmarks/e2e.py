@@ -24,6 +24,7 @@ import argparse
 import gc
 import importlib
 import sys
+import os
 import tempfile
 import time
 
@@ -153,10 +154,11 @@ def _load_time(ckpt, reason, v, model, device) -> dict:
     save, load = ckpt
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            save(model, tmp)
+            ckpt_dir = os.path.join(tmp, "checkpoint")  # save_quantized refuses an existing folder
+            save(model, ckpt_dir)
             harness._sync(device)
             t0 = time.perf_counter()
-            loaded = load(tmp, device=device, backend=v.name)
+            loaded = load(ckpt_dir, device=device, backend=v.name)
             harness._sync(device)
             dt = time.perf_counter() - t0
             del loaded

@@ -139,7 +139,7 @@ def test_e2e_quick_one_block(tmp_path):
     # int8 block weights: 1 byte + a 4-byte scale per 64-wide row vs 2 bytes -> under 0.6x
     assert float(q["block_weight_bytes"]) < 0.6 * float(bf["block_weight_bytes"])
     assert 0 < float(q["rel_error_vs_bf16"]) < 0.05
-    assert q["load_status"]  # measured or skipped, with the reason
+    assert q["load_status"] == "ok" and float(q["load_s"]) > 0  # qpipeline is here: load is measured
     assert float(bf["ms_60_blocks_extrapolated"]) == pytest.approx(float(bf["median_ms"]) * 60)
 
 

@@ -79,11 +79,13 @@ class BackendRow(NamedTuple):
 
 
 # `auto` takes the first available backend of the wanted format in this order. Measured, not
-# guessed. CPU (AVX-512 VNNI): _int_mm ~4-5x a bf16 matmul at 512x3072x3072. CUDA (H100, eager,
-# 6 full-width Qwen-Image blocks at 8,400 tokens, benchmarks/results/): fp8-triton 40.8 ms,
-# fp8-scaled-mm 42.6, int8-cublaslt 44.6, bf16 44.5, int8-triton 54.5, int8-torch 69.8.
+# guessed (benchmarks/results/):
+# - CUDA, H100, eager, 6 full-width Qwen-Image blocks at 8,400 tokens: fp8-triton 41.7 ms,
+#   fp8-scaled-mm 42.7, int8-triton 43.8, int8-cublaslt 46.3, int8-torch 70.0 (bf16 45.2).
+# - CPU, 2 cores with AVX-512 VNNI, 512x3072x3072: int8-torch 5.3 ms; fp8-scaled-mm 83 ms (CPU
+#   _scaled_mm is a reference loop); weight-only 25-44 ms (bf16 4.3 ms).
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("fp8-triton", "fp8-scaled-mm", "int8-cublaslt", "int8-triton", "int8-torch",
+    "cuda": ("fp8-triton", "fp8-scaled-mm", "int8-triton", "int8-cublaslt", "int8-torch",
              "int8-layerwise", "fp8-layerwise"),
     # Triton on CPU is the interpreter (tests only): auto never picks it.
     "cpu": ("int8-torch", "fp8-scaled-mm", "int8-layerwise", "fp8-layerwise"),

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 from . import formats
-from .capabilities import as_device
 from .errors import CheckpointError, InputError
 from .registry import Backend, get_backend, resolve_backend
 

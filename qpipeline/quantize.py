@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -23,7 +22,6 @@ import torch.nn as nn
 from qkernels import QuantLinear, formats
 from qkernels.errors import (
     BackendUnavailableError,
-    InputError,
     QKernelsError,
     RecipeError,
     UnsupportedShapeError,

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qkernels import CheckpointError, QuantLinear, formats
+from qkernels import CheckpointError, QuantLinear
 from qkernels.backends.torch_native import quantize_activation
 from qkernels.registry import _BACKENDS, Backend, register_backend
 from qpipeline import checkpoint as ckmod

@@ -215,6 +215,10 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
         v = _qkernels_variant(row.name, row.format)
         if not row.available:
             v.status = f"unavailable: {row.reason}"
+        elif device.type == "cpu" and row.name.endswith("-triton"):
+            # Available on CPU only through TRITON_INTERPRET=1 (tests): timing numpy emulation of
+            # a GPU kernel says nothing, and at M=512 one call takes minutes.
+            v.status = "unavailable: Triton on CPU is the interpreter (tests only), not benchmarked"
         out.append(v)
     if peers:
         out += _torchao_variants(device)

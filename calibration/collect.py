@@ -187,7 +187,8 @@ class ActivationCollector:
         return stats
 
 
-def _call(model: nn.Module, batch: Any):
+def call_model(model: nn.Module, batch: Any):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, else ``model(batch)``."""
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -225,7 +226,7 @@ def collect(model: nn.Module, batches: Iterable[Any], *, percentile: float = DEF
         for batch in tqdm(batches, total=total, disable=not progress, desc="calibrating", unit="batch"):
             if timestep_buckets:
                 collector.set_timestep(get_t(batch))
-            _call(model, batch)
+            call_model(model, batch)
             collector.forward_passes += 1
     if collector.forward_passes == 0:
         raise CalibrationError("the calibration sample set is empty: no batch was given (samples must be >= 1)")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from calibration.collect import call_model
 from qkernels.errors import RecipeError
 
 __all__ = ["apply_error_budget", "default_inputs", "output_error", "run_outputs"]
@@ -47,17 +48,9 @@ def _output_tensor(out: Any) -> torch.Tensor:
     raise RecipeError(f"the model's output ({type(out).__name__}) holds no tensor to measure the error on")
 
 
-def _call(model: nn.Module, batch: Any):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 @torch.no_grad()
 def run_outputs(model: nn.Module, inputs: list) -> list[torch.Tensor]:
-    return [_output_tensor(_call(model, b)).detach() for b in inputs]
+    return [_output_tensor(call_model(model, b)).detach() for b in inputs]
 
 
 @torch.no_grad()
@@ -66,7 +59,7 @@ def output_error(model: nn.Module, inputs: list, refs: list[torch.Tensor]) -> fl
     host read per call (the budget decision needs the number)."""
     num = den = 0.0
     for b, ref in zip(inputs, refs):
-        y = _output_tensor(_call(model, b))
+        y = _output_tensor(call_model(model, b))
         d = (y.double() - ref.double()).pow(2).sum()
         num, den = num + d, den + ref.double().pow(2).sum()
     return math.sqrt(float(num / den)) if float(den) > 0 else math.sqrt(float(num))

@@ -22,22 +22,7 @@ from ..ops import KernelOp
 __all__ = ["int8_mm_dequant", "enable", "enabled"]
 
 
-def _reference(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    return ops.dequant_epilogue(ops.int_mm(a, w), a_scale, w_scale, bias, out_dtype)
-
-
-def _fake(a, a_scale, w, w_scale, bias, out_dtype):
-    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
-
-
-int8_mm_dequant = KernelOp("cublaslt_int8_mm_dequant", _reference, _fake)
+int8_mm_dequant = KernelOp("cublaslt_int8_mm_dequant", ops.int8_mm_dequant_reference, ops.gemm_fake)
 
 
 def _cuda(a, a_scale, w, w_scale, bias, out_dtype):

@@ -20,7 +20,8 @@ import torch
 
 from .. import formats
 
-__all__ = ["KernelOp", "quantize_per_token", "quantize_per_tensor", "int8_mm_dequant"]
+__all__ = ["KernelOp", "quantize_per_token", "quantize_per_tensor", "int8_mm_dequant",
+           "int8_mm_dequant_reference", "gemm_fake", "dequant_epilogue", "int_mm"]
 
 
 class KernelOp:
@@ -120,7 +121,7 @@ def int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, w.t())
 
 
-def _int8_mm_dequant_ref(
+def int8_mm_dequant_reference(
     a: torch.Tensor,
     a_scale: torch.Tensor,
     w: torch.Tensor,
@@ -131,8 +132,9 @@ def _int8_mm_dequant_ref(
     return dequant_epilogue(int_mm(a, w), a_scale, w_scale, bias, out_dtype)
 
 
-def _int8_mm_dequant_fake(a, a_scale, w, w_scale, bias, out_dtype):
+def gemm_fake(a, a_scale, w, w_scale, bias, out_dtype):
+    """Shape-only implementation shared by every (a, a_scale, w, w_scale, bias, out_dtype) GEMM op."""
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-int8_mm_dequant = KernelOp("int8_mm_dequant", _int8_mm_dequant_ref, _int8_mm_dequant_fake)
+int8_mm_dequant = KernelOp("int8_mm_dequant", int8_mm_dequant_reference, gemm_fake)

@@ -11,24 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import formats
-from . import KernelOp, dequant_epilogue, int_mm
+from . import KernelOp, dequant_epilogue, gemm_fake, int8_mm_dequant_reference, int_mm
 
 __all__ = ["int8_gemm", "int8_static_gemm", "fp8_gemm", "weight_only_gemm"]
-
-
-def _gemm_fake(a, a_scale, w, w_scale, bias, out_dtype):
-    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
-
-
-def _int8_gemm_ref(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    return dequant_epilogue(int_mm(a, w), a_scale, w_scale, bias, out_dtype)
 
 
 def _int8_static_gemm_ref(
@@ -72,7 +57,7 @@ def _weight_only_gemm_fake(x, w, w_scale, bias):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-int8_gemm = KernelOp("int8_gemm", _int8_gemm_ref, _gemm_fake)
+int8_gemm = KernelOp("int8_gemm", int8_mm_dequant_reference, gemm_fake)
 int8_static_gemm = KernelOp("int8_static_gemm", _int8_static_gemm_ref, _int8_static_gemm_fake)
-fp8_gemm = KernelOp("fp8_gemm", _fp8_gemm_ref, _gemm_fake)
+fp8_gemm = KernelOp("fp8_gemm", _fp8_gemm_ref, gemm_fake)
 weight_only_gemm = KernelOp("weight_only_gemm", _weight_only_gemm_ref, _weight_only_gemm_fake)

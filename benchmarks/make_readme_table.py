@@ -3,7 +3,7 @@
     python -m benchmarks.make_readme_table benchmarks/results/cpu > results.md
     python -m benchmarks.make_readme_table OUT --out summary.md --csv all_rows.csv
 
-Reads every gemm.csv, accuracy.csv and e2e.csv under the folder (any depth) and prints, per
+Reads every gemm.csv, accuracy.csv, e2e.csv and host.csv under the folder (any depth) and prints, per
 file, the environment it was measured in and its tables. Every number comes from those rows;
 nothing is typed in by hand. ``--csv`` also writes all rows of all files as one long CSV.
 """
@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-KINDS = ("gemm", "accuracy", "e2e")
+KINDS = ("gemm", "accuracy", "e2e", "host")
 
 
 def _read(path: Path) -> list[dict]:
@@ -140,8 +140,42 @@ def e2e_section(rows: list[dict], source: str) -> str:
     return "\n".join(parts)
 
 
+def host_section(rows: list[dict], source: str) -> str:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    ms = sorted({int(r["M"]) for r in ok if r["variant"] != "torch-op"})
+    keys = list(dict.fromkeys((r["variant"], r["activation"]) for r in ok if r["variant"] != "torch-op"))
+    simulated = any(r.get("mode") == "simulated-driver" for r in ok)
+    body = []
+    for name, act in keys:
+        cells = []
+        for m in ms:
+            r = next((r for r in ok if (r["variant"], r["activation"]) == (name, act) and int(r["M"]) == m), None)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{_num(r['host_us']):.1f}"
+            if _num(r.get("wall_us")) is not None:
+                cell += f" / {_num(r['wall_us']):.1f}"
+            if r.get("launches"):
+                cell += f" ({r['launches']} launch{'es' if r['launches'] != '1' else ''})"
+            cells.append(cell)
+        body.append([f"`{name}`", act] + cells)
+    shapes = sorted({(r["K"], r["N"]) for r in ok if r["variant"] != "torch-op"})
+    what = ("Host microseconds per forward, Triton's CUDA code path under the simulated driver "
+            "(kernels compiled for sm90, launches recorded, not run): the host cost minus the driver's "
+            "own launch." if simulated else
+            "Microseconds per forward: host (issuing the calls) / wall (with the final synchronize).")
+    parts = [_env_line(rows, source), "", what + f" K x N = {', '.join(f'{k}x{n}' for k, n in shapes)}.\n",
+             _table(["variant", "activation"] + [f"M={m}" for m in ms], body)]
+    ref = next((r for r in ok if r["variant"] == "torch-op"), None)
+    if ref is not None:
+        parts.append(f"\nOne `F.linear` at 1x64x64 on the same CPU: {_num(ref['host_us']):.1f} us.")
+    parts.append(_not_run(rows))
+    return "\n".join(parts)
+
+
 SECTIONS = {"gemm": ("GEMM", gemm_section), "accuracy": ("Accuracy", accuracy_section),
-            "e2e": ("End to end", e2e_section)}
+            "e2e": ("End to end", e2e_section), "host": ("Host overhead", host_section)}
 
 
 def find(folder: Path) -> list[tuple[str, Path]]:
@@ -162,7 +196,7 @@ def render(folder: Path) -> str:
         rel = path.relative_to(folder)
         out += [f"### {title} ({rel.parent if str(rel.parent) != '.' else kind})", "", fn(rows, str(rel)), ""]
     if len(out) == 2:
-        out.append(f"(no gemm.csv, accuracy.csv or e2e.csv under {folder})")
+        out.append(f"(no gemm.csv, accuracy.csv, e2e.csv or host.csv under {folder})")
     return "\n".join(out).rstrip() + "\n"
 
 

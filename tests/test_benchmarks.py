@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from benchmarks import accuracy, e2e, gemm, harness, make_readme_table
+from benchmarks import accuracy, e2e, gemm, harness, host_overhead, make_readme_table
 from benchmarks.variants import all_variants
 from qkernels import QuantLinear, list_backends
 
@@ -216,3 +216,25 @@ def test_gpu_suite_dry_run_plumbing(tmp_path):
     assert {"results.tar.gz", "summary.md", "results.csv", "gemm.png", "suite.log"} <= files
     assert len(files) <= 8  # what comes back from a GPU machine
     assert "### GEMM" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_host_overhead_simulated(tmp_path):
+    """benchmarks.host_overhead --simulate (in a subprocess: it needs real Triton JIT functions)
+    writes one measured row per (backend, activation, M), each forward two launches (one for the
+    fused static int8 kernel at M <= 64), and the torch-op reference row."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--simulate", "--shapes", "96x128",
+                           "--m", "16", "--reps", "20", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header, rows = _read_csv(tmp_path / "host.csv")
+    assert header == harness.ENV_COLUMNS + host_overhead.COLUMNS
+    measured = {(r["variant"], r["activation"]): r for r in rows if r["status"] == "ok"}
+    assert set(measured) == {("torch-op", "-"), *((b, a) for b in host_overhead.SIMULATED
+                                                  for a in ("dynamic", "static"))}
+    for (variant, activation), r in measured.items():
+        assert float(r["host_us"]) > 0
+        if variant != "torch-op":
+            fused = variant == "int8-triton" and activation == "static"
+            assert int(r["launches"]) == (1 if fused else 2), r

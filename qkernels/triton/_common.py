@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError, UnsupportedShapeError
+from ._launch import KernelLauncher, cdiv, next_power_of_2
 
 # Read once at import, like triton.jit itself: a kernel decorated under TRITON_INTERPRET=1 is an
 # interpreted function for the life of the process.
@@ -67,7 +68,7 @@ RINT_MAGIC = 12582912.0
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: the next power of two (at most 16384), so a new token
     count re-uses the configuration tuned for its bucket instead of re-tuning."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
+    return min(next_power_of_2(m), 16384)
 
 
 def cfg(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
@@ -200,7 +201,7 @@ def store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_c
 
 
 def gemm_grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    return lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
 
 def check_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -272,30 +273,9 @@ def even_k(args) -> bool:
     return args["K"] % args["BLOCK_K"] == 0
 
 
-class TunedLaunch:
-    """Autotune once per key, then launch the tuned config straight on the kernel below the
-    autotuner.
-
-    Triton's ``Autotuner.run`` rebuilds its cache key from every argument on each call: measured
-    on an H100 host, an ``int8-triton`` layer at M=16 cost 252 us of host time a call against
-    136 us for ``fp8-scaled-mm``, most of the difference in the autotuner. In a transformer whose
-    text-stream (M ~ 200) and modulation (M = 1) layers take a few microseconds of GPU time each,
-    that host time is what the step waits for.
-
-    ``key`` must hold everything the autotuner's own key holds (M bucket, N, K, the tensors'
-    dtypes) plus the device; the tuned config is read back from ``autotuner.best_config``.
-    """
-
-    def __init__(self, autotuned):
-        self.autotuned = autotuned
-        self.tuned: dict[tuple, dict] = {}
-
-    def __call__(self, grid, key: tuple, *args, **kwargs) -> None:
-        config = self.tuned.get(key)
-        if config is None:
-            self.autotuned[grid](*args, **kwargs)
-            best = self.autotuned.best_config
-            if best.pre_hook is None:  # a config with a pre-hook must go through the autotuner
-                self.tuned[key] = best.all_kwargs()
-            return
-        self.autotuned.fn[grid](*args, **kwargs, **config)
+def make_launcher(kernel):
+    """``launch(grid, key, args, **meta)`` for ``kernel``: a :class:`KernelLauncher` (the Python
+    launch work paid once per specialization), or under the interpreter a plain launch."""
+    if INTERPRET:
+        return lambda grid, key, args, **meta: kernel[grid](*args, **meta)
+    return KernelLauncher(kernel)

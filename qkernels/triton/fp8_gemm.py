@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    TunedLaunch,
     AUTOTUNE_KEY, CONFIGS_8BIT, check_gemm, check_out_dtype, check_vector, even_k, gemm_grid, grouped_tile,
-    m_bucket, prune_by_m, store_scaled,
+    m_bucket, make_launcher, prune_by_m, store_scaled,
 )
 
 __all__ = ["fp8_gemm"]
@@ -63,7 +62,7 @@ def _fp8_gemm_kernel(
     store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
-_fp8_gemm_launch = TunedLaunch(_fp8_gemm_kernel)
+_fp8_gemm_launch = make_launcher(_fp8_gemm_kernel)
 
 
 def fp8_gemm(
@@ -83,12 +82,10 @@ def fp8_gemm(
     if m == 0:
         return c
     mb = m_bucket(m)
-    key = (a.device, mb, n, k, out_dtype, None if bias is None else bias.dtype)
     _fp8_gemm_launch(
-        gemm_grid(m, n), key,
-        a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
-        m, n, k, mb,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        gemm_grid(m, n), (mb, n, k),
+        (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k, mb,
+         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
         HAS_BIAS=bias is not None,
         enable_fp_fusion=False,
     )

@@ -30,9 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    TunedLaunch,
     AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_out_dtype, check_vector, even_k, gemm_grid,
-    grouped_tile, m_bucket, prune_by_m, rint_clamp_int8, store_scaled,
+    grouped_tile, m_bucket, make_launcher, prune_by_m, rint_clamp_int8, store_scaled,
 )
 
 __all__ = ["int8_gemm", "int8_static_gemm"]
@@ -117,7 +116,8 @@ def _int8_static_gemm_kernel(
     store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
-_int8_gemm_launch = TunedLaunch(_int8_gemm_kernel)
+_int8_gemm_launch = make_launcher(_int8_gemm_kernel)
+_int8_static_gemm_launch = make_launcher(_int8_static_gemm_kernel)
 
 
 def int8_gemm(
@@ -137,12 +137,10 @@ def int8_gemm(
     if m == 0:
         return c
     mb = m_bucket(m)
-    key = (a.device, mb, n, k, out_dtype, None if bias is None else bias.dtype)
     _int8_gemm_launch(
-        gemm_grid(m, n), key,
-        a, w, c, a_scale, w_scale, bias if bias is not None else w_scale,
-        m, n, k, mb,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        gemm_grid(m, n), (mb, n, k),
+        (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k, mb,
+         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
         HAS_BIAS=bias is not None,
         enable_fp_fusion=False,  # (acc * a_s) * w_s + bias as separate roundings, like torch
     )
@@ -167,10 +165,11 @@ def int8_static_gemm(
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
-    _int8_static_gemm_kernel[gemm_grid(m, n)](
-        x, scale, smooth if smooth is not None else w_scale, w, c, w_scale, bias if bias is not None else w_scale,
-        m, n, k, m_bucket(m),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+    mb = m_bucket(m)
+    _int8_static_gemm_launch(
+        gemm_grid(m, n), (mb, n, k),
+        (x, scale, smooth if smooth is not None else w_scale, w, c, w_scale, bias if bias is not None else w_scale,
+         m, n, k, mb, x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
         HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
         enable_fp_fusion=False,
     )

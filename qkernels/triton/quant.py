@@ -20,7 +20,10 @@ import triton
 import triton.language as tl
 
 from .. import formats
-from ._common import INTERPRET, check_2d, check_device, check_vector, rint_clamp_int8, soft_e4m3_bits
+from ._common import (
+    INTERPRET, cdiv, check_2d, check_device, check_vector, make_launcher, next_power_of_2, rint_clamp_int8,
+    soft_e4m3_bits,
+)
 
 __all__ = ["quantize_per_token", "quantize_per_tensor"]
 
@@ -103,13 +106,18 @@ def _quantize_per_tensor_kernel(
     tl.store(row_scale_ptr + rows, s + poison, mask=rows < M)
 
 
+_launch_per_token = make_launcher(_quantize_per_token_kernel)
+_launch_per_tensor = make_launcher(_quantize_per_tensor_kernel)
+_QMAX = {False: formats.get_format("w8a8-int8").qmax, True: formats.get_format("w8a8-fp8").qmax}
+
+
 def _launch_shape(m: int, k: int, max_block_k: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_K, num_warps): ~16-32 fp32 values per thread on CUDA; under the interpreter
     many rows per program, since each program costs Python overhead, not registers."""
-    block_k = min(triton.next_power_of_2(k), max_block_k)
+    block_k = min(next_power_of_2(k), max_block_k)
     if INTERPRET:
-        return min(triton.next_power_of_2(m), 32), block_k, 4
-    rows = max(1, min(triton.next_power_of_2(m), 4096 // block_k))
+        return min(next_power_of_2(m), 32), block_k, 4
+    rows = max(1, min(next_power_of_2(m), 4096 // block_k))
     warps = min(16, max(4, rows * block_k // 512))
     return rows, block_k, warps
 
@@ -141,12 +149,12 @@ def quantize_per_token(
     q, q_arg, scale = _outputs(x, fp8)
     if m == 0:
         return q, scale
-    single = triton.next_power_of_2(k) <= _SINGLE_PASS_MAX_K
+    single = next_power_of_2(k) <= _SINGLE_PASS_MAX_K
     rows, block_k, warps = _launch_shape(m, k, _SINGLE_PASS_MAX_K if single else 4096)
-    fmt = formats.get_format("w8a8-fp8" if fp8 else "w8a8-int8")
-    _quantize_per_token_kernel[(triton.cdiv(m, rows),)](
-        x, smooth if smooth is not None else scale, q_arg, scale, m, k, x.stride(0), q.stride(0),
-        QMAX=fmt.qmax, HAS_SMOOTH=smooth is not None, FP8=fp8, SOFT_FP8=fp8 and INTERPRET,
+    _launch_per_token(
+        (cdiv(m, rows),), (),
+        (x, smooth if smooth is not None else scale, q_arg, scale, m, k, x.stride(0), q.stride(0)),
+        QMAX=_QMAX[fp8], HAS_SMOOTH=smooth is not None, FP8=fp8, SOFT_FP8=fp8 and INTERPRET,
         ROWS=rows, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=warps,
     )
     return q, scale
@@ -167,10 +175,10 @@ def quantize_per_tensor(
     if m == 0:
         return q, row_scale
     rows, block_k, warps = _launch_shape(m, k, 4096)
-    fmt = formats.get_format("w8a8-fp8" if fp8 else "w8a8-int8")
-    _quantize_per_tensor_kernel[(triton.cdiv(m, rows),)](
-        x, scale, smooth if smooth is not None else row_scale, q_arg, row_scale, m, k, x.stride(0), q.stride(0),
-        QMAX=fmt.qmax, HAS_SMOOTH=smooth is not None, FP8=fp8, SOFT_FP8=fp8 and INTERPRET,
+    _launch_per_tensor(
+        (cdiv(m, rows),), (),
+        (x, scale, smooth if smooth is not None else row_scale, q_arg, row_scale, m, k, x.stride(0), q.stride(0)),
+        QMAX=_QMAX[fp8], HAS_SMOOTH=smooth is not None, FP8=fp8, SOFT_FP8=fp8 and INTERPRET,
         ROWS=rows, BLOCK_K=block_k, num_warps=warps,
     )
     return q, row_scale

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, check_gemm, even_k, gemm_grid, grouped_tile, m_bucket, prune_by_m, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, check_gemm, even_k, gemm_grid, grouped_tile, m_bucket, make_launcher,
+    prune_by_m, store_scaled,
 )
 
 __all__ = ["weight_only_gemm"]
@@ -64,6 +65,9 @@ def _weight_only_gemm_kernel(
     store_scaled(c_ptr, acc, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
+_weight_only_gemm_launch = make_launcher(_weight_only_gemm_kernel)
+
+
 def weight_only_gemm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -74,10 +78,11 @@ def weight_only_gemm(
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
-    _weight_only_gemm_kernel[gemm_grid(m, n)](
-        x, w, c, w_scale, bias if bias is not None else w_scale,
-        m, n, k, m_bucket(m),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+    mb = m_bucket(m)
+    _weight_only_gemm_launch(
+        gemm_grid(m, n), (mb, n, k),
+        (x, w, c, w_scale, bias if bias is not None else w_scale, m, n, k, mb,
+         x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
         HAS_BIAS=bias is not None, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         enable_fp_fusion=False,
     )

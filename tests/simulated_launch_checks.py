@@ -1,0 +1,136 @@
+"""Checks of ``qkernels.triton._launch.KernelLauncher`` against Triton's own launch path, under
+``benchmarks.simulated_gpu`` (kernels compile for sm90; launches are recorded, not run).
+
+Run by ``tests/test_launch.py`` in a subprocess: it needs a real ``triton.jit``, and the test
+session sets ``TRITON_INTERPRET=1``. ``python tests/simulated_launch_checks.py [--break-spec]``
+prints one line per check and exits non-zero on the first mismatch; ``--break-spec`` makes the
+launcher ignore pointer alignment, which the checks must catch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from benchmarks.simulated_gpu import cuda_path_on_cpu, simulated_driver  # noqa: E402
+from qkernels.triton import _launch  # noqa: E402
+from qkernels.triton._common import AUTOTUNE_KEY, cfg, gemm_grid, m_bucket  # noqa: E402
+from qkernels.triton._launch import KernelLauncher  # noqa: E402
+
+
+def same_launch(a, b) -> bool:
+    def arg(v):
+        return ("tensor", v.data_ptr(), v.dtype) if isinstance(v, torch.Tensor) else v
+
+    return (a.kernel_hash, a.grid, tuple(map(arg, a.args))) == (b.kernel_hash, b.grid, tuple(map(arg, b.args)))
+
+
+def check(name: str, ok: bool) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}", flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def aligned(shape, dtype):
+    return torch.empty(shape, dtype=dtype)
+
+
+def misaligned(shape, dtype):
+    """A contiguous tensor whose data pointer is 1 element past a 16-byte boundary."""
+    flat = torch.empty(shape[0] * shape[1] + 1, dtype=dtype)
+    return flat[1:].view(shape)
+
+
+def quant_checks(sim) -> None:
+    quant = importlib.import_module("qkernels.triton.quant")
+    kernel = quant._quantize_per_token_kernel
+    k = 96
+    launcher = KernelLauncher(kernel)  # one launcher: a reused entry must not serve another specialization
+    for m, make in ((16, aligned), (1, aligned), (17, aligned), (16, misaligned)):
+        x = make((m, k), torch.bfloat16)
+        q = torch.empty(m, k, dtype=torch.int8)
+        s = torch.empty(m, dtype=torch.float32)
+        args, grid = (x, s, q, s, m, k, x.stride(0), q.stride(0)), (m,)
+        meta = dict(QMAX=127.0, HAS_SMOOTH=False, FP8=False, SOFT_FP8=False, ROWS=1, BLOCK_K=128,
+                    SINGLE_PASS=True, num_warps=4)
+        launcher(grid, (), args, **meta)  # through Triton: compiles, records
+        launcher(grid, (), args, **meta)  # fast path
+        kernel[grid](*args, **meta)  # Triton's own launch, for comparison
+        slow, fast, ref = sim.launches[-3:]
+        what = f"quant m={m} {'misaligned' if make is misaligned else 'aligned'} x"
+        check(f"{what}: fast path launches what Triton launches", same_launch(fast, ref) and same_launch(slow, ref))
+
+
+def gemm_checks(sim) -> None:
+    gemm = importlib.import_module("qkernels.triton.int8_gemm")
+    heuristic = gemm._int8_gemm_kernel.fn  # the @heuristics(EVEN_K) wrapper of the JIT function
+    # A small autotuner over the same kernel: two small-tile configs keep the compile count low.
+    tuned = triton.autotune(configs=[cfg(16, 64, 64, 2, 4), cfg(32, 64, 64, 2, 4)], key=AUTOTUNE_KEY)(heuristic)
+    launcher = KernelLauncher(tuned)
+    n, k = 128, 96
+    w = torch.empty(n, k, dtype=torch.int8)
+    ws = torch.empty(n, dtype=torch.float32)
+    bias = torch.empty(n, dtype=torch.bfloat16)
+    hashes = {}
+    for m, make in ((32, aligned), (17, aligned), (32, misaligned), (1, aligned)):
+        a = make((m, k), torch.int8)
+        sa = torch.empty(m, dtype=torch.float32)
+        c = torch.empty(m, n, dtype=torch.bfloat16)
+        mb = m_bucket(m)
+        args = (a, w, c, sa, ws, bias, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+                c.stride(0), c.stride(1))
+        meta = dict(HAS_BIAS=True, enable_fp_fusion=False)
+        grid = gemm_grid(m, n)
+        launcher(grid, (mb, n, k), args, **meta)
+        launcher(grid, (mb, n, k), args, **meta)
+        tuned[grid](*args, **meta)
+        slow, fast, ref = sim.launches[-3:]
+        what = f"int8 gemm m={m} {'misaligned' if make is misaligned else 'aligned'} A"
+        check(f"{what}: fast path launches what the autotuner launches", same_launch(fast, ref) and same_launch(slow, ref))
+        hashes[(m, make is misaligned)] = fast.kernel_hash
+    check("m=17 and m=32 (one autotune bucket) are compiled separately", hashes[(17, False)] != hashes[(32, False)])
+    check("a misaligned A gets its own kernel", hashes[(32, True)] != hashes[(32, False)])
+
+
+def layer_checks(sim) -> None:
+    """A QuantLinear forward after its first call: one launch per kernel, no tuning, no compile."""
+    from qkernels import QuantLinear
+
+    lin = torch.nn.Linear(96, 128, dtype=torch.bfloat16)
+    with cuda_path_on_cpu(), torch.no_grad():
+        for backend, kernels in (("int8-triton", ["_quantize_per_token_kernel", "_int8_gemm_kernel"]),
+                                 ("fp8-triton", ["_quantize_per_token_kernel", "_fp8_gemm_kernel"])):
+            layer = QuantLinear.from_linear(lin, backend)
+            x = torch.randn(16, 96, dtype=torch.bfloat16)
+            layer(x)
+            before = len(sim.launches)
+            layer(x)
+            names = [launch.kernel for launch in sim.launches[before:]]
+            check(f"{backend} forward: {names} after warm-up", names == kernels)
+
+
+def main(argv: list[str]) -> int:
+    if "--break-spec" in argv:
+        original = _launch.specialization
+
+        def no_alignment(args):  # the bug the checks must catch: alignment left out of the key
+            return tuple(s[:1] if isinstance(a, torch.Tensor) else s for a, s in zip(args, original(args)))
+
+        _launch.specialization = no_alignment
+    with simulated_driver() as sim:
+        quant_checks(sim)
+        gemm_checks(sim)
+        if "--no-layer" not in argv:
+            layer_checks(sim)
+    print("all launch checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

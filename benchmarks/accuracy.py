@@ -109,11 +109,11 @@ def _call(module, inp):
     return out
 
 
-def run(args) -> list[dict]:
+def run(args, rows: list[dict] | None = None) -> list[dict]:
     device = torch.device(args.device or harness.default_device())
     size = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
     variants = all_variants(device, peers=not args.no_peers, only=args.only.split(",") if args.only else None)
-    rows = []
+    rows = [] if rows is None else rows
     for v in variants:
         if not v.available:
             rows.append(dict(bench="accuracy", variant=v.name, family=v.family, format=v.format, status=v.status))
@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or harness.default_device())
     env = harness.environment(device)
     print(f"[accuracy] {env['device_name']}  torch {env['torch']}  commit {env['git_commit']}", flush=True)
-    rows = run(args)
+    rows, interrupted = harness.collect_rows(run, args, "accuracy")
     paths = harness.write_results(args.out, "accuracy", rows, env, COLUMNS)
     paths["png"] = plot(rows, f"{args.out}/accuracy.png", env)
     print(f"[accuracy] wrote {', '.join(paths.values())}", flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

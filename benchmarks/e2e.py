@@ -65,7 +65,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def run(args) -> list[dict]:
+def run(args, rows: list[dict] | None = None) -> list[dict]:
     from qpipeline.demo import build_demo_transformer, demo_inputs
 
     device = torch.device(args.device or harness.default_device())
@@ -79,7 +79,7 @@ def run(args) -> list[dict]:
     ckpt, ckpt_reason = _checkpoint_api()
     common = dict(bench="e2e", size=args.size, blocks=args.blocks, height=args.height, width=args.width,
                   reference=bool(args.reference))
-    rows, y_ref = [], None
+    rows, y_ref = ([] if rows is None else rows), None
     for v in variants:
         row = dict(common, variant=v.name, family=v.family, format=v.format, note=v.note or None)
         if not v.available:
@@ -135,7 +135,11 @@ def run(args) -> list[dict]:
                   flush=True)
         else:
             print(f"[e2e] {v.name}: {row['status']}", flush=True)
+    _speedups(rows)
+    return rows
 
+
+def _speedups(rows: list[dict]) -> None:
     base = {r["variant"]: r["median_ms"] for r in rows if r.get("status") == "ok" and r["variant"].startswith("bf16")}
     for r in rows:
         if r.get("status") != "ok":
@@ -143,7 +147,6 @@ def run(args) -> list[dict]:
         ref = "bf16+compile" if r["variant"].endswith("+compile") and "bf16+compile" in base else "bf16"
         if ref in base:
             r["speedup_vs_bf16"], r["baseline"] = base[ref] / r["median_ms"], ref
-    return rows
 
 
 def _load_time(ckpt, reason, v, model, device) -> dict:
@@ -227,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment(device)
     print(f"[e2e] {env['device_name']}  torch {env['torch']}  commit {env['git_commit']}  size {args.size} "
           f"x{args.blocks} blocks  {args.height}x{args.width}{' + reference' if args.reference else ''}", flush=True)
-    rows = run(args)
+    rows, interrupted = harness.collect_rows(run, args, "e2e", finish=_speedups)
     paths = harness.write_results(args.out, "e2e", rows, env, COLUMNS)
     paths["png"] = plot(rows, f"{args.out}/e2e.png", env)
     print(f"[e2e] wrote {', '.join(paths.values())}", flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

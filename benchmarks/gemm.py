@@ -67,7 +67,7 @@ def _raw_kernels(device: torch.device) -> list[tuple[str, str, str | None]]:
             ("raw-scaled_mm-fp8", "fp8", f"unavailable: {fp8}" if fp8 else None)]
 
 
-def run(args) -> list[dict]:
+def run(args, rows: list[dict] | None = None) -> list[dict]:
     device = torch.device(args.device or harness.default_device())
     if args.tiny:
         shapes, ms = TINY_SHAPES, TINY_M
@@ -87,7 +87,7 @@ def run(args) -> list[dict]:
     variants = all_variants(device, peers=not args.no_peers, compile_peers=compile_peers,
                             compile_ours=args.compile_ours, only=args.only.split(",") if args.only else None)
 
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
     for v in variants:
         if not v.available:
             rows.append(dict(bench="gemm", variant=v.name, family=v.family, format=v.format, status=v.status))
@@ -292,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     _DEVICE_NAME["name"] = env["device_name"]
     print(f"[gemm] {env['device_name']}  torch {env['torch']}  triton {env['triton']}  commit {env['git_commit']}",
           flush=True)
-    rows = run(args)
+    rows, interrupted = harness.collect_rows(run, args, "gemm", finish=_speedups)
     paths = harness.write_results(args.out, "gemm", rows, env, COLUMNS)
     paths["png"] = plot(rows, f"{args.out}/gemm.png", env)
     print(f"[gemm] wrote {', '.join(paths.values())}", flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

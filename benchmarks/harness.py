@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "module_bytes",
     "PeakMemory",
     "fmt_status",
+    "collect_rows",
 ]
 
 
@@ -366,6 +368,32 @@ class PeakMemory:
 
 # --------------------------------------------------------------------------------------------
 # result files
+
+
+def collect_rows(run: Callable, args, name: str, finish: Callable | None = None) -> tuple[list[dict], bool]:
+    """``run(args, rows)`` appending to ``rows``; returns (rows, interrupted). A SIGINT (Ctrl-C, or
+    the GPU suite's per-step time limit) keeps the rows measured so far, so they are still
+    written; ``finish(rows)`` (derived columns, e.g. speedups) runs either way."""
+    rows: list[dict] = []
+    interrupted = False
+
+    def first_sigint(signum, frame):
+        # `timeout` signals the child and then its process group: take the first, ignore the rest.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first_sigint)
+    try:
+        run(args, rows)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"[{name}] interrupted: writing the {len(rows)} rows measured so far", flush=True)
+    finally:
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
+    if finish is not None:
+        finish(rows)
+    return rows, interrupted
 
 
 def fmt_status(exc: BaseException) -> str:

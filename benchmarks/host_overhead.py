@@ -69,10 +69,9 @@ def _quantized(lin: nn.Linear, backend: str, activation: str, x: torch.Tensor):
     return QuantLinear.from_linear(lin, backend, activation=activation, input_scale=scale)
 
 
-def _simulated_rows(args) -> list[dict]:
+def _simulated_rows(args, rows: list[dict]) -> list[dict]:
     from .simulated_gpu import cuda_path_on_cpu, simulated_driver
 
-    rows = []
     tiny = nn.Linear(64, 64, dtype=torch.bfloat16).requires_grad_(False)
     xt = torch.randn(1, 64, dtype=torch.bfloat16)
     host, _ = _time_calls(lambda v: F.linear(v, tiny.weight, tiny.bias), xt, args.reps, torch.device("cpu"))
@@ -105,10 +104,10 @@ def _simulated_rows(args) -> list[dict]:
     return rows
 
 
-def _cuda_rows(args, device: torch.device) -> list[dict]:
+def _cuda_rows(args, rows: list[dict]) -> list[dict]:
     from .variants import all_variants
 
-    rows = []
+    device = torch.device("cuda")
     variants = all_variants(device, peers=not args.no_peers, only=args.only.split(",") if args.only else None)
     for k, n in args.shapes:
         lin = make_linear(k, n, device)
@@ -182,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment(device)
     print(f"[host] {env['device_name']}  torch {env['torch']}  triton {env['triton']}  "
           f"{'simulated driver' if simulate else 'cuda'}", flush=True)
-    rows = _simulated_rows(args) if simulate else _cuda_rows(args, device)
+    rows, interrupted = harness.collect_rows(_simulated_rows if simulate else _cuda_rows, args, "host")
     paths = harness.write_results(args.out, "host", rows, env, COLUMNS)
     print(f"[host] wrote {', '.join(paths.values())}", flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

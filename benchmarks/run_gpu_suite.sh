@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite in one command:
+# The GPU test and benchmark suite in one command, inside one time budget:
 #
 #   bash benchmarks/run_gpu_suite.sh OUT_DIR
 #
-# Steps (QK_STEPS, space-separated, default all, in this order):
+# Steps (QK_STEPS, space-separated, run in the order given; default all, most important first):
 #   tests         pytest -m gpu            -> gpu_tests.log (a failure is logged, the suite goes on)
-#   gemm          benchmarks.gemm, eager   (every backend + torchao/bitsandbytes/diffusers)
-#   gemm-compile  torch.compile'd torchao and bf16 at M in QK_COMPILE_M (default 256,4096,16384)
-#   accuracy      benchmarks.accuracy      (Linear cases K=N=3072, 'small' demo block and model)
-#   e2e           benchmarks.e2e, eager    full-width, QK_BLOCKS blocks (default 8), 1024x1024
+#   gemm          benchmarks.gemm, eager   every backend + torchao/bitsandbytes/diffusers, M in QK_GEMM_M
+#   e2e           benchmarks.e2e, eager    full-width, QK_BLOCKS blocks (default 6), 1024x1024
 #                                          + one reference image (~8,400 tokens)
-#   e2e-compile   the same, torch.compile'd torchao and bf16
+#   host          benchmarks.host_overhead host us per forward at M = 1, 16, 256
+#   accuracy      benchmarks.accuracy      Linear cases K=N=3072, 'small' demo block and model
+#   e2e-compile   the e2e model at QK_COMPILE_BLOCKS blocks (default 2; compile time grows with the
+#                 blocks): bf16, torchao int8/fp8 and fp8-triton under torch.compile, fp8-triton eager
+#   gemm-compile  torch.compile'd torchao and bf16 at M in QK_COMPILE_M (default 4096,16384)
+#
+# Time: QK_BUDGET_S (default 540) bounds the whole run. Each step runs under `timeout` with what is
+# left; at the limit it gets SIGINT, writes the rows it measured and the suite moves on (logged as
+# "cut"); a step that would start with under 30 s left is skipped (logged). Every step's duration
+# is in suite.log. Triton's autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING=1), so
+# shapes tuned by one step are not tuned again by the next.
+#
+# Packages missing on the GPU machine: QK_WHEELS=DIR installs DIR/*.whl (no index, no deps) into
+# a private folder put first on PYTHONPATH; benchmarks/fetch_peer_wheels.sh DIR downloads them.
 #
 # OUT_DIR gets at most 8 files, flat: results.tar.gz (every CSV/JSON/PNG/log of the run),
 # summary.md (make_readme_table), results.csv (all rows of all steps), gemm.png, accuracy.png,
-# e2e.png, suite.log and gpu_tests.log. The tarball is rebuilt after each step, so a run cut
-# short still returns what it finished. A full run takes ~15-25 min on an H100; to stay under a
-# 10-minute limit per command, split it: QK_STEPS="tests gemm", then "gemm-compile accuracy",
-# then "e2e e2e-compile", each with its own OUT_DIR.
+# e2e.png, suite.log and gpu_tests.log. The tarball is rebuilt after each step, so a run cut short
+# still returns what it finished.
 #
-# Environment: PYTHON (default python3 from PATH; wheels on PYTHONPATH are fine, nothing is
-# installed here), QK_BLOCKS, QK_COMPILE_M, QK_GEMM_ARGS / QK_ACC_ARGS / QK_E2E_ARGS (extra flags),
-# QK_DRY_RUN=1 (every step with --quick on CPU-sized inputs: checks the plumbing anywhere).
+# Environment: PYTHON (default python3 from PATH), QK_BUDGET_S, QK_BLOCKS, QK_COMPILE_BLOCKS,
+# QK_GEMM_M, QK_COMPILE_M, QK_GEMM_ARGS / QK_ACC_ARGS / QK_E2E_ARGS / QK_HOST_ARGS (extra flags),
+# QK_WHEELS, QK_DRY_RUN=1 (every step with --quick on CPU-sized inputs: checks the plumbing anywhere).
 set -uo pipefail
 
 OUT_DIR=${1:?usage: run_gpu_suite.sh OUT_DIR}
 PYTHON=${PYTHON:-python3}
-STEPS=${QK_STEPS:-"tests gemm gemm-compile accuracy e2e e2e-compile"}
-BLOCKS=${QK_BLOCKS:-8}
-COMPILE_M=${QK_COMPILE_M:-256,4096,16384}
+STEPS=${QK_STEPS:-"tests gemm e2e host accuracy e2e-compile gemm-compile"}
+BUDGET=${QK_BUDGET_S:-540}
+MIN_STEP_S=30
+BLOCKS=${QK_BLOCKS:-6}
+COMPILE_BLOCKS=${QK_COMPILE_BLOCKS:-2}
+GEMM_M=${QK_GEMM_M:-16,256,4096,8192,16384}
+COMPILE_M=${QK_COMPILE_M:-4096,16384}
 DRY=${QK_DRY_RUN:-0}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,31 +50,57 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/qk-suite.XXXXXX")
 mkdir -p "$WORK/logs"
-export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TRITON_CACHE_AUTOTUNING=1
 # Never let a library reach for a hub: everything here is built locally.
 export HF_HUB_OFFLINE=1
 
+log() { echo "[suite $(date -u +%H:%M:%S)] $*" | tee -a "$WORK/logs/suite.log"; }
+
+if [ -n "${QK_WHEELS:-}" ]; then
+  if ls "$QK_WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WORK/site" "$QK_WHEELS"/*.whl 2>&1 | tail -3
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    log "installed $(ls "$QK_WHEELS"/*.whl | wc -l) wheels from $QK_WHEELS"
+  else
+    log "QK_WHEELS=$QK_WHEELS holds no .whl files: peers that are not installed are reported so"
+  fi
+fi
+
 QUICK=()
+HOST_QUICK=()
 E2E_SHAPE=(--blocks "$BLOCKS" --height 1024 --width 1024 --reference)
+COMPILE_SHAPE=(--blocks "$COMPILE_BLOCKS" --height 1024 --width 1024 --reference)
 if [ "$DRY" != "0" ]; then
   QUICK=(--quick)
+  HOST_QUICK=(--shapes 96x128 --m 16 --reps 20)
   E2E_SHAPE=(--reference)
+  COMPILE_SHAPE=(--reference)
+  GEMM_M=1,17
   COMPILE_M=17
   echo "[suite] QK_DRY_RUN=$DRY: every step runs with --quick"
 fi
 
-log() { echo "[suite $(date -u +%H:%M:%S)] $*" | tee -a "$WORK/logs/suite.log"; }
-
 FAILED=()
-step() {  # step NAME CMD...: run, tee its log, record failure, never stop the suite
+START=$SECONDS
+step() {  # step NAME CMD...: run under the time left, tee its log, record failure, never stop the suite
   local name=$1; shift
-  log "start $name: $*"
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt "$MIN_STEP_S" ]; then
+    log "skip $name: ${left} s left of the ${BUDGET} s budget"
+    FAILED+=("$name(skipped: budget)")
+    return
+  fi
+  log "start $name (limit ${left} s): $*"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$WORK/logs/$name.log"
+  timeout --signal=INT --kill-after=30 "$left" "$@" 2>&1 | tee "$WORK/logs/$name.log"
   local rc=${PIPESTATUS[0]}
   log "end $name: exit $rc after $((SECONDS - t0)) s"
   if [ "$name" = tests ] && [ "$rc" -eq 5 ]; then
     log "tests: pytest collected no gpu-marked test (exit 5), not counted as a failure"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]; then
+    log "$name: cut at the budget; the rows it measured are kept"
+    FAILED+=("$name(cut at the budget)")
   elif [ "$rc" -ne 0 ]; then
     FAILED+=("$name(exit $rc)")
   fi
@@ -76,10 +115,11 @@ bundle() {  # refresh OUT_DIR from WORK: tarball + the few flat summary files
   done
   "$PYTHON" -m benchmarks.make_readme_table "$WORK" --out "$OUT_DIR/summary.md" --csv "$OUT_DIR/results.csv" \
     >/dev/null 2>>"$WORK/logs/suite.log" || true
-  tar -czf "$OUT_DIR/results.tar.gz.tmp" -C "$WORK" . && mv "$OUT_DIR/results.tar.gz.tmp" "$OUT_DIR/results.tar.gz"
+  tar -czf "$OUT_DIR/results.tar.gz.tmp" -C "$WORK" --exclude=./site . \
+    && mv "$OUT_DIR/results.tar.gz.tmp" "$OUT_DIR/results.tar.gz"
 }
 
-log "out $OUT_DIR, work $WORK, steps: $STEPS"
+log "out $OUT_DIR, work $WORK, steps: $STEPS, budget ${BUDGET} s"
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$WORK/logs/suite.log"
 import importlib.util, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu",
@@ -89,35 +129,40 @@ for m in ("triton", "diffusers", "torchao", "bitsandbytes", "cupy", "matplotlib"
 EOF
 "$PYTHON" -m qkernels 2>&1 | tee -a "$WORK/logs/suite.log"
 
+COMPILED=bf16+compile,torchao-int8-dynamic+compile,torchao-fp8-rowwise+compile
 for s in $STEPS; do
   case $s in
     tests)
       step tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests ;;
     gemm)
       # shellcheck disable=SC2086
-      step gemm "$PYTHON" -m benchmarks.gemm --out "$WORK/gemm" --no-compile-peers "${QUICK[@]}" ${QK_GEMM_ARGS:-} ;;
-    gemm-compile)
-      # shellcheck disable=SC2086
-      step gemm-compile "$PYTHON" -m benchmarks.gemm --out "$WORK/gemm-compile" --compile-peers "${QUICK[@]}" \
-        --m "$COMPILE_M" --only bf16+compile,torchao-int8-dynamic+compile,torchao-fp8-rowwise+compile \
+      step gemm "$PYTHON" -m benchmarks.gemm --out "$WORK/gemm" --no-compile-peers --m "$GEMM_M" "${QUICK[@]}" \
         ${QK_GEMM_ARGS:-} ;;
-    accuracy)
-      # shellcheck disable=SC2086
-      step accuracy "$PYTHON" -m benchmarks.accuracy --out "$WORK/accuracy" "${QUICK[@]}" ${QK_ACC_ARGS:-} ;;
     e2e)
       # shellcheck disable=SC2086
       step e2e "$PYTHON" -m benchmarks.e2e --out "$WORK/e2e" --no-compile-peers "${E2E_SHAPE[@]}" "${QUICK[@]}" \
         ${QK_E2E_ARGS:-} ;;
+    host)
+      # shellcheck disable=SC2086
+      step host "$PYTHON" -m benchmarks.host_overhead --out "$WORK/host" "${HOST_QUICK[@]}" ${QK_HOST_ARGS:-} ;;
+    accuracy)
+      # shellcheck disable=SC2086
+      step accuracy "$PYTHON" -m benchmarks.accuracy --out "$WORK/accuracy" "${QUICK[@]}" ${QK_ACC_ARGS:-} ;;
     e2e-compile)
       # shellcheck disable=SC2086
-      step e2e-compile "$PYTHON" -m benchmarks.e2e --out "$WORK/e2e-compile" --compile-peers "${E2E_SHAPE[@]}" \
-        "${QUICK[@]}" --only bf16+compile,torchao-int8-dynamic+compile,torchao-fp8-rowwise+compile \
-        ${QK_E2E_ARGS:-} ;;
+      step e2e-compile "$PYTHON" -m benchmarks.e2e --out "$WORK/e2e-compile" --compile-peers --compile-ours \
+        "${COMPILE_SHAPE[@]}" "${QUICK[@]}" --only "$COMPILED,fp8-triton,fp8-triton+compile" ${QK_E2E_ARGS:-} ;;
+    gemm-compile)
+      # shellcheck disable=SC2086
+      step gemm-compile "$PYTHON" -m benchmarks.gemm --out "$WORK/gemm-compile" --compile-peers "${QUICK[@]}" \
+        --m "$COMPILE_M" --only "$COMPILED" ${QK_GEMM_ARGS:-} ;;
     *)
-      log "unknown step '$s' (known: tests gemm gemm-compile accuracy e2e e2e-compile)"; FAILED+=("$s(unknown)") ;;
+      log "unknown step '$s' (known: tests gemm e2e host accuracy e2e-compile gemm-compile)"
+      FAILED+=("$s(unknown)") ;;
   esac
 done
 
+log "total $((SECONDS - START)) s of the ${BUDGET} s budget"
 if [ ${#FAILED[@]} -eq 0 ]; then
   log "done: all steps exited 0; results in $OUT_DIR"
 else

@@ -238,3 +238,37 @@ def test_host_overhead_simulated(tmp_path):
         if variant != "torch-op":
             fused = variant == "int8-triton" and activation == "static"
             assert int(r["launches"]) == (1 if fused else 2), r
+
+
+def test_collect_rows_keeps_what_was_measured_on_sigint():
+    """The GPU suite stops a step at its time limit with SIGINT (sent twice: to the process and to
+    its group); the rows measured so far are still returned and the derived columns filled."""
+    import signal
+
+    def run(args, rows):
+        rows.append({"variant": "bf16"})
+        os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here
+        rows.append({"variant": "never"})
+
+    def finish(rows):
+        os.kill(os.getpid(), signal.SIGINT)  # the second signal: must be ignored, not raise
+        rows[0]["done"] = True
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rows, interrupted = harness.collect_rows(run, None, "t", finish=finish)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert interrupted and rows == [{"variant": "bf16", "done": True}]
+    rows, interrupted = harness.collect_rows(lambda args, rows: rows.append({}), None, "t")
+    assert not interrupted and rows == [{}] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_gpu_suite_skips_steps_past_its_budget(tmp_path):
+    env = dict(os.environ, QK_DRY_RUN="1", QK_STEPS="gemm accuracy", QK_BUDGET_S="0", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu_suite.sh"), str(tmp_path / "s")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    log = (tmp_path / "s" / "suite.log").read_text()
+    assert "skip gemm" in log and "skip accuracy" in log
+    assert "gemm(skipped: budget) accuracy(skipped: budget)" in log

@@ -382,3 +382,25 @@ def test_gpu_forward_does_not_sync_and_compiles(backend, kw):
     assert torch.equal(y, y2)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_launch_path_is_exact_across_specializations():
+    """After its first launch a kernel is launched directly (qkernels.triton._launch): the second
+    and later calls, with M = 1 (a constexpr for Triton), 17, 32 in one autotune bucket, and an
+    activation one element off 16-byte alignment, give the reference's results bit for bit."""
+    dev = torch.device("cuda")
+    k, n = 3072, 1024
+    wf = torch.randn(n, k, device=dev) * k**-0.5
+    b = torch.randn(n, dtype=torch.bfloat16, device=dev)
+    w8, w8_s = formats.quantize_weight(wf, "w8a8-int8")
+    for m in (1, 17, 32, 32):
+        for offset in (0, 1):
+            flat = torch.randn(m * k + offset, dtype=torch.bfloat16, device=dev)
+            x = flat[offset:].view(m, k)
+            for _ in range(2):  # first: through Triton (may compile); second: the direct launch
+                q, s = kt.quantize_per_token(x, None, False)
+                q_ref, s_ref = formats.quantize_per_token(x, "w8a8-int8")
+                assert same_bits(q, q_ref) and same_bits(s, s_ref), (m, offset)
+                y = kt.int8_gemm(q, s, w8, w8_s, b, torch.bfloat16)
+                assert torch.equal(y, ops.int8_mm_dequant.reference(q, s, w8, w8_s, b, torch.bfloat16)), (m, offset)

@@ -170,6 +170,38 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
+@triton.jit
+def gemm_tile_setup(a_ptr, w_ptr, M, N, stride_am, stride_ak, stride_wn, stride_wk,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (``offs_m``, ``offs_n``) and the pointers of its first K tiles:
+    A [M, K] row-major as [BLOCK_M, BLOCK_K], and the stored [N, K] weight read through its
+    strides as [BLOCK_K, BLOCK_N] (K-major B, the layout 8-bit wgmma takes: never transposed or
+    copied). Edge rows/cols wrap onto valid ones (``rm``), so loads need no M/N mask; the store
+    is masked."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    return offs_m, offs_n, rm, rk, a_ptrs, w_ptrs
+
+
+@triton.jit
+def load_k_tiles(a_ptrs, w_ptrs, rk, k, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The k-th A and W tiles; past K (when K % BLOCK_K != 0) zeros, which add nothing to a dot."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(w_ptrs)
+    else:
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)  # a float 0 casts to any dtype
+        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+    return a, b
+
+
 # Kernels read this global as a compile-time constant.
 INTERPRET_C = tl.constexpr(INTERPRET)
 
@@ -202,6 +234,32 @@ def store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_c
 
 def gemm_grid(m: int, n: int):
     return lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
+
+
+def gemm_int_args(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> tuple:
+    """The integer arguments every GEMM kernel takes after its pointers:
+    ``M, N, K, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn``."""
+    m, k = a.shape
+    n = w.shape[0]
+    return (m, n, k, m_bucket(m), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1))
+
+
+def scaled_gemm(launch, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """Check and launch a rowwise-scaled 8-bit GEMM kernel (``a`` and ``w`` both ``dtype``):
+    ``(a @ w.T) * a_scale[M] * w_scale[N] (+ bias)``, out in ``out_dtype``."""
+    m, n, k = check_gemm(a, w, w_scale, bias, (dtype,), (dtype,))
+    check_vector("a_scale", a_scale, m)
+    check_out_dtype(out_dtype)
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0:
+        return c
+    ints = gemm_int_args(a, w, c)
+    launch(gemm_grid(m, n), (ints[3], n, k),
+           (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, *ints),
+           HAS_BIAS=bias is not None,
+           enable_fp_fusion=False)  # (acc * a_s) * w_s + bias as separate roundings, like torch
+    return c
 
 
 def check_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

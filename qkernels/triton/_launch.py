@@ -23,8 +23,6 @@ proton) sends every call through Triton's own path, so its hooks still see each 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from triton import knobs
 from triton.runtime import driver

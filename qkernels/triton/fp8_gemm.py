@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, check_gemm, check_out_dtype, check_vector, even_k, gemm_grid, grouped_tile,
-    m_bucket, make_launcher, prune_by_m, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_8BIT, even_k, gemm_tile_setup, load_k_tiles, make_launcher, prune_by_m, scaled_gemm,
+    store_scaled,
 )
 
 __all__ = ["fp8_gemm"]
@@ -37,23 +37,11 @@ def _fp8_gemm_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    offs_m, offs_n, rm, rk, a_ptrs, w_ptrs = gemm_tile_setup(
+        a_ptr, w_ptr, M, N, stride_am, stride_ak, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        a, b = load_k_tiles(a_ptrs, w_ptrs, rk, k, K, BLOCK_K, EVEN_K)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -75,18 +63,4 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """``(a [M, K] e4m3 @ w [N, K] e4m3 .T) * a_scale[M] * w_scale[N] (+ bias)`` in fp32, out in
     ``out_dtype`` (any of bf16/fp16/fp32, unlike rowwise torch._scaled_mm's bf16 only)."""
-    m, n, k = check_gemm(a, w, w_scale, bias, (torch.float8_e4m3fn,), (torch.float8_e4m3fn,))
-    check_vector("a_scale", a_scale, m)
-    check_out_dtype(out_dtype)
-    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    if m == 0:
-        return c
-    mb = m_bucket(m)
-    _fp8_gemm_launch(
-        gemm_grid(m, n), (mb, n, k),
-        (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k, mb,
-         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
-        HAS_BIAS=bias is not None,
-        enable_fp_fusion=False,
-    )
-    return c
+    return scaled_gemm(_fp8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.float8_e4m3fn)

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_out_dtype, check_vector, even_k, gemm_grid,
-    grouped_tile, m_bucket, make_launcher, prune_by_m, rint_clamp_int8, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_vector, even_k, gemm_grid, gemm_int_args,
+    gemm_tile_setup, load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_scaled,
 )
 
 __all__ = ["int8_gemm", "int8_static_gemm"]
@@ -47,24 +47,11 @@ def _int8_gemm_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Edge rows/cols wrap onto valid ones: loads need no M/N mask, the store is masked.
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] of W [N, K]
+    offs_m, offs_n, rm, rk, a_ptrs, w_ptrs = gemm_tile_setup(
+        a_ptr, w_ptr, M, N, stride_am, stride_ak, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0)
-            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0)
+        a, b = load_k_tiles(a_ptrs, w_ptrs, rk, k, K, BLOCK_K, EVEN_K)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -84,25 +71,14 @@ def _int8_static_gemm_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    offs_m, offs_n, rm, rk, x_ptrs, w_ptrs = gemm_tile_setup(
+        x_ptr, w_ptr, M, N, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     s = tl.load(scale_ptr).to(tl.float32)
     poison = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs).to(tl.float32)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0).to(tl.float32)
-            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0)
+        x, b = load_k_tiles(x_ptrs, w_ptrs, rk, k, K, BLOCK_K, EVEN_K)
+        x = x.to(tl.float32)
         if HAS_SMOOTH:
             sm = tl.load(smooth_ptr + k * BLOCK_K + rk, mask=rk < K - k * BLOCK_K, other=1.0)
             x = tl.math.div_rn(x, sm[None, :])
@@ -130,21 +106,7 @@ def int8_gemm(
 ) -> torch.Tensor:
     """``(a [M, K] int8 @ w [N, K] int8 .T) * a_scale[M] * w_scale[N] (+ bias [N])`` in fp32, out
     in ``out_dtype``. Same signature and epilogue order as ``qkernels.ops.int8_mm_dequant``."""
-    m, n, k = check_gemm(a, w, w_scale, bias, (torch.int8,), (torch.int8,))
-    check_vector("a_scale", a_scale, m)
-    check_out_dtype(out_dtype)
-    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    if m == 0:
-        return c
-    mb = m_bucket(m)
-    _int8_gemm_launch(
-        gemm_grid(m, n), (mb, n, k),
-        (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k, mb,
-         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
-        HAS_BIAS=bias is not None,
-        enable_fp_fusion=False,  # (acc * a_s) * w_s + bias as separate roundings, like torch
-    )
-    return c
+    return scaled_gemm(_int8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.int8)
 
 
 def int8_static_gemm(
@@ -165,11 +127,11 @@ def int8_static_gemm(
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
-    mb = m_bucket(m)
+    ints = gemm_int_args(x, w, c)
     _int8_static_gemm_launch(
-        gemm_grid(m, n), (mb, n, k),
+        gemm_grid(m, n), (ints[3], n, k),
         (x, scale, smooth if smooth is not None else w_scale, w, c, w_scale, bias if bias is not None else w_scale,
-         m, n, k, mb, x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
+         *ints),
         HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
         enable_fp_fusion=False,
     )

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, check_gemm, even_k, gemm_grid, grouped_tile, m_bucket, make_launcher,
-    prune_by_m, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, check_gemm, even_k, gemm_grid, gemm_int_args, gemm_tile_setup,
+    load_k_tiles, make_launcher, prune_by_m, store_scaled,
 )
 
 __all__ = ["weight_only_gemm"]
@@ -37,23 +37,11 @@ def _weight_only_gemm_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    offs_m, offs_n, rm, rk, x_ptrs, w_ptrs = gemm_tile_setup(
+        x_ptr, w_ptr, M, N, stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        x, b = load_k_tiles(x_ptrs, w_ptrs, rk, k, K, BLOCK_K, EVEN_K)
         if INTERPRET_C:
             # Triton 3.6's interpreter gets bf16 dots and int8 -> bf16 casts wrong; bf16 x bf16
             # products are exact in fp32, so an fp32 dot computes the same sums.
@@ -78,11 +66,10 @@ def weight_only_gemm(
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
-    mb = m_bucket(m)
+    ints = gemm_int_args(x, w, c)
     _weight_only_gemm_launch(
-        gemm_grid(m, n), (mb, n, k),
-        (x, w, c, w_scale, bias if bias is not None else w_scale, m, n, k, mb,
-         x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
+        gemm_grid(m, n), (ints[3], n, k),
+        (x, w, c, w_scale, bias if bias is not None else w_scale, *ints),
         HAS_BIAS=bias is not None, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         enable_fp_fusion=False,
     )

@@ -1,0 +1,194 @@
+"""What each Triton kernel and tuning config compiles to on Hopper, without a GPU.
+
+    python -m benchmarks.kernel_report --out out/kernels            # every kernel, every config
+    python -m benchmarks.kernel_report --quick --out out/kernels    # one shape, M=16 and 8192
+
+Under ``benchmarks.simulated_gpu`` Triton compiles each kernel for sm90 exactly as a launch would
+(the same binder, so the same specialization of the arguments), and ptxas reports registers and
+spills. Per (kernel, config, shape) row: shared memory, registers, spill bytes, blocks per SM that
+shared memory and registers allow, and what the inner loop is made of (``wgmma`` warp-group MMAs
+vs ``mma.sync``, ``cp.async`` copies vs TMA bulk copies). A config that spills, or that fits one
+block per SM, is a tuning lead to check before spending GPU time on it; ``ptx_sha`` (the PTX
+with names and line info removed) shows whether two versions of a kernel compile to the same code.
+
+Nothing here is a timing: it says what the hardware will be given, not how fast it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+COLUMNS = ["bench", "kernel", "status", "M", "K", "N", "block_m", "block_n", "block_k", "group_m", "num_stages",
+           "num_warps", "shared_bytes", "registers", "spill_store_bytes", "spill_load_bytes", "blocks_per_sm",
+           "wgmma", "mma_sync", "cp_async", "tma", "ptx_sha", "note"]
+
+H100_SMEM_PER_SM = 233472  # 228 KiB per SM; a block may use 227 KiB of it
+H100_REGS_PER_SM = 65536
+SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 18432)]
+MS = [16, 256, 8192]
+
+
+def _tiny(dtype: torch.dtype) -> torch.Tensor:
+    # Only the data pointer's alignment and the dtype reach the compiler; the sizes are the ints.
+    return torch.empty(64, dtype=dtype)
+
+
+def _gemm_args(kind: str, m: int, n: int, k: int, mb: int):
+    bf16, f32, i8, e4 = torch.bfloat16, torch.float32, torch.int8, torch.float8_e4m3fn
+    if kind == "int8_gemm":
+        t = (_tiny(i8), _tiny(i8), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16))
+        meta = dict(HAS_BIAS=True)
+    elif kind == "fp8_gemm":
+        t = (_tiny(e4), _tiny(e4), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16))
+        meta = dict(HAS_BIAS=True)
+    elif kind == "int8_static_gemm":
+        t = (_tiny(bf16), _tiny(f32), _tiny(f32), _tiny(i8), _tiny(bf16), _tiny(f32), _tiny(bf16))
+        meta = dict(HAS_SMOOTH=False, HAS_BIAS=True)
+    elif kind == "weight_only_gemm":
+        t = (_tiny(bf16), _tiny(i8), _tiny(bf16), _tiny(f32), _tiny(bf16))
+        meta = dict(HAS_BIAS=True, INPUT_PRECISION=None)
+    else:
+        raise ValueError(kind)
+    # strides of row-major [M, K] activation, [N, K] weight, [M, N] output
+    return t + (m, n, k, mb, k, 1, k, 1, n, 1), meta
+
+
+GEMMS = {
+    # kernel name -> (module, kernel attribute)
+    "int8_gemm": ("qkernels.triton.int8_gemm", "_int8_gemm_kernel"),
+    "fp8_gemm": ("qkernels.triton.fp8_gemm", "_fp8_gemm_kernel"),
+    "int8_static_gemm": ("qkernels.triton.int8_gemm", "_int8_static_gemm_kernel"),
+    "weight_only_gemm": ("qkernels.triton.weight_only_gemm", "_weight_only_gemm_kernel"),
+}
+
+
+def _ptxas_stats(ptx: str, fmad: bool) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(90).path, "-v", f"--fmad={'true' if fmad else 'false'}", "--gpu-name=sm_90a",
+               str(src), "-o", str(Path(d) / "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else None,
+            "spill_load_bytes": int(spills.group(2)) if spills else None}
+
+
+def normalized_ptx(ptx: str, name: str) -> str:
+    """The PTX's code: no DWARF sections (they name the inlined helper functions), line info,
+    comments or the kernel's own name. Equal text, same machine code."""
+    code = re.split(r"^\s*\.section\s+\.debug", ptx, maxsplit=1, flags=re.M)[0]
+    lines = [ln for ln in code.splitlines() if not ln.lstrip().startswith((".loc", ".file", "//", "$L__tmp"))]
+    return "\n".join(lines).replace(name, "KERNEL")
+
+
+def _describe(kernel, name: str) -> dict:
+    ptx = kernel.asm["ptx"]
+    md = kernel.metadata
+    row = {"shared_bytes": md.shared, "num_warps": md.num_warps, "num_stages": md.num_stages,
+           "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+           "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), "tma": ptx.count("cp.async.bulk.tensor"),
+           "ptx_sha": hashlib.sha256(normalized_ptx(ptx, md.name).encode()).hexdigest()[:12]}
+    row.update(_ptxas_stats(ptx, md.enable_fp_fusion))
+    threads = md.num_warps * 32
+    limits = [H100_SMEM_PER_SM // max(md.shared, 1)] if md.shared else []
+    if row["registers"]:
+        limits.append(H100_REGS_PER_SM // (row["registers"] * threads))
+    row["blocks_per_sm"] = min(limits + [2048 // threads])
+    return row
+
+
+def run(args, rows: list[dict]) -> list[dict]:
+    from qkernels.triton._common import m_bucket, prune_by_m
+
+    from .simulated_gpu import simulated_driver
+
+    shapes = args.shapes
+    ms = args.m
+    only = set(args.only.split(",")) if args.only else None
+    with simulated_driver():  # compiles for sm90; nothing runs
+        for name, (module, attr) in GEMMS.items():
+            if only and name not in only:
+                continue
+            autotuner = getattr(importlib.import_module(module), attr)
+            jit = autotuner.fn.fn  # Autotuner -> Heuristics(EVEN_K) -> JITFunction
+            for k, n in shapes:
+                for m in ms:
+                    mb = m_bucket(m)
+                    targs, meta = _gemm_args(name, m, n, k, mb)
+                    configs = prune_by_m(autotuner.configs, {"M_BUCKET": mb})
+                    for config in configs:
+                        c = config.kwargs
+                        row = dict(bench="kernel", kernel=name, M=m, K=k, N=n, block_m=c["BLOCK_M"],
+                                   block_n=c["BLOCK_N"], block_k=c["BLOCK_K"], group_m=c["GROUP_M"])
+                        try:
+                            compiled = jit.warmup(*targs, grid=(1,), **meta, **c, EVEN_K=k % c["BLOCK_K"] == 0,
+                                                  num_warps=config.num_warps, num_stages=config.num_stages,
+                                                  enable_fp_fusion=False)
+                            row.update(_describe(compiled, name), status="ok")
+                        except Exception as exc:
+                            row["status"] = harness.fmt_status(exc)
+                        rows.append(row)
+                        _progress(row)
+    return rows
+
+
+def _progress(row: dict) -> None:
+    cfg = f"{row['block_m']}x{row['block_n']}x{row['block_k']} s{row.get('num_stages', '?')} w{row.get('num_warps', '?')}"
+    if row["status"] != "ok":
+        print(f"[kernels] {row['kernel']:<18} M={row['M']:<5} {row['K']}x{row['N']} {cfg}: {row['status']}", flush=True)
+        return
+    print(f"[kernels] {row['kernel']:<18} M={row['M']:<5} {row['K']}x{row['N']:<6} {cfg:<20} "
+          f"smem {row['shared_bytes'] / 1024:6.1f} KiB  regs {row['registers']}  "
+          f"spills {row['spill_store_bytes']}/{row['spill_load_bytes']}  blocks/SM {row['blocks_per_sm']}  "
+          f"wgmma {row['wgmma']} mma {row['mma_sync']} cp.async {row['cp_async']} tma {row['tma']}  {row['ptx_sha']}",
+          flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/kernels", help="output folder (kernels.csv, kernels.json)")
+    p.add_argument("--quick", action="store_true", help="K=3072 N=12288 only, M in 16,8192")
+    p.add_argument("--shapes", default=None, help="comma list of KxN")
+    p.add_argument("--m", default=None, help="comma list of M values (each picks its autotune bucket's configs)")
+    p.add_argument("--only", default=None, help=f"comma list of kernels: {','.join(GEMMS)}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
+                   else [(3072, 12288)] if args.quick else SHAPES)
+    args.m = [int(v) for v in args.m.split(",")] if args.m else ([16, 8192] if args.quick else MS)
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("error: kernel_report compiles real kernels; unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    env = harness.environment("cpu")
+    env["device_name"] = "sm90 (compiled by Triton on the CPU; simulated driver)"
+    print(f"[kernels] triton {env['triton']}  target sm90  commit {env['git_commit']}", flush=True)
+    rows, interrupted = harness.collect_rows(run, args, "kernels")
+    paths = harness.write_results(args.out, "kernels", rows, env, COLUMNS)
+    print(f"[kernels] wrote {', '.join(paths.values())}", flush=True)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,7 @@
     python -m benchmarks.make_readme_table benchmarks/results/cpu > results.md
     python -m benchmarks.make_readme_table OUT --out summary.md --csv all_rows.csv
 
-Reads every gemm.csv, accuracy.csv, e2e.csv and host.csv under the folder (any depth) and prints, per
+Reads every gemm.csv, accuracy.csv, e2e.csv, host.csv and kernels.csv under the folder (any depth) and prints, per
 file, the environment it was measured in and its tables. Every number comes from those rows;
 nothing is typed in by hand. ``--csv`` also writes all rows of all files as one long CSV.
 """
@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-KINDS = ("gemm", "accuracy", "e2e", "host")
+KINDS = ("gemm", "accuracy", "e2e", "host", "kernels")
 
 
 def _read(path: Path) -> list[dict]:
@@ -174,8 +174,26 @@ def host_section(rows: list[dict], source: str) -> str:
     return "\n".join(parts)
 
 
+def kernels_section(rows: list[dict], source: str) -> str:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    body = [[f"`{r['kernel']}`", r["M"], f"{r['K']}x{r['N']}", f"{r['block_m']}x{r['block_n']}x{r['block_k']}",
+             r["num_stages"], r["num_warps"], f"{_num(r['shared_bytes']) / 1024:.0f}", r["registers"],
+             f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", r["blocks_per_sm"],
+             "wgmma" if _num(r["wgmma"]) else "mma.sync", r["ptx_sha"]] for r in ok]
+    parts = [_env_line(rows, source), "",
+             "Each autotune config as compiled for sm90 (Triton on the CPU; ptxas -v): not timings.\n",
+             _table(["kernel", "M", "KxN", "tile", "stages", "warps", "smem KiB", "regs", "spills st/ld",
+                     "blocks/SM", "MMA", "PTX sha"], body)]
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        parts.append("\nDid not compile: " + "; ".join(f"`{r['kernel']}` {r['block_m']}x{r['block_n']}x{r['block_k']} "
+                                                       f"({r['status']})" for r in bad) + ".")
+    return "\n".join(parts)
+
+
 SECTIONS = {"gemm": ("GEMM", gemm_section), "accuracy": ("Accuracy", accuracy_section),
-            "e2e": ("End to end", e2e_section), "host": ("Host overhead", host_section)}
+            "e2e": ("End to end", e2e_section), "host": ("Host overhead", host_section),
+            "kernels": ("Compiled kernels", kernels_section)}
 
 
 def find(folder: Path) -> list[tuple[str, Path]]:
@@ -196,7 +214,7 @@ def render(folder: Path) -> str:
         rel = path.relative_to(folder)
         out += [f"### {title} ({rel.parent if str(rel.parent) != '.' else kind})", "", fn(rows, str(rel)), ""]
     if len(out) == 2:
-        out.append(f"(no gemm.csv, accuracy.csv, e2e.csv or host.csv under {folder})")
+        out.append(f"(no gemm.csv, accuracy.csv, e2e.csv, host.csv or kernels.csv under {folder})")
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from benchmarks import accuracy, e2e, gemm, harness, host_overhead, make_readme_table
+from benchmarks import accuracy, e2e, gemm, harness, host_overhead, kernel_report, make_readme_table
 from benchmarks.variants import all_variants
 from qkernels import QuantLinear, list_backends
 
@@ -272,3 +272,27 @@ def test_gpu_suite_skips_steps_past_its_budget(tmp_path):
     log = (tmp_path / "s" / "suite.log").read_text()
     assert "skip gemm" in log and "skip accuracy" in log
     assert "gemm(skipped: budget) accuracy(skipped: budget)" in log
+
+
+@pytest.mark.slow
+def test_kernel_report_hopper_configs_fit(tmp_path):
+    """benchmarks.kernel_report compiles the 8-bit GEMMs' Hopper configs for sm90 on this CPU (a
+    subprocess: real Triton JIT). At the MLP shape, for both autotune buckets, every config fits
+    the H100's 227 KiB of shared memory without spilling, and every config whose warps form warp
+    groups over a 64-row tile uses wgmma."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--quick", "--only", "int8_gemm,fp8_gemm",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    header, rows = _read_csv(tmp_path / "kernels.csv")
+    assert header == harness.ENV_COLUMNS + kernel_report.COLUMNS
+    assert {r["kernel"] for r in rows} == {"int8_gemm", "fp8_gemm"} and {r["M"] for r in rows} == {"16", "8192"}
+    for r in rows:
+        what = f"{r['kernel']} {r['block_m']}x{r['block_n']}x{r['block_k']} s{r['num_stages']} w{r['num_warps']}"
+        assert r["status"] == "ok", (what, r["status"])
+        assert 0 < int(r["shared_bytes"]) <= 227 * 1024, what
+        assert int(r["spill_store_bytes"]) == 0 and int(r["spill_load_bytes"]) == 0, what
+        assert 0 < int(r["registers"]) <= 255 and int(r["blocks_per_sm"]) >= 1, what
+        if int(r["block_m"]) % 64 == 0 and int(r["num_warps"]) % 4 == 0:
+            assert int(r["wgmma"]) > 0 and int(r["mma_sync"]) == 0, what
+        assert len(r["ptx_sha"]) == 12

@@ -22,6 +22,7 @@ tiny ``F.linear`` on the same CPU, to put the numbers in units of "one PyTorch o
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -38,21 +39,36 @@ COLUMNS = ["bench", "variant", "family", "format", "activation", "mode", "status
 SIMULATED = ("int8-triton", "fp8-triton")
 
 
-def _time_calls(fn, x, reps: int, device: torch.device, rounds: int = 10) -> tuple[float, float]:
-    """(issue time, issue + synchronize time) per call, microseconds: the best of ``rounds``
-    rounds. On a shared 2-core VM one round can take twice the next (other tenants, clock
-    changes); that only ever adds time, so the minimum is the estimate."""
-    best_host = best_wall = float("inf")
+def _time_round(fn, x, reps: int, device: torch.device) -> tuple[float, float]:
+    """One round: (issue time, issue + synchronize time) per call, microseconds."""
+    harness._sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn(x)
+    t1 = time.perf_counter()
+    harness._sync(device)
+    t2 = time.perf_counter()
+    return (t1 - t0) / reps * 1e6, (t2 - t0) / reps * 1e6
+
+
+def _time_cases(cases: list[tuple[dict, object, torch.Tensor]], reps: int, device: torch.device,
+                rounds: int) -> None:
+    """Time every (row, fn, x) case round-robin, ``rounds`` times, and keep each case's best
+    round in its row. On a shared 2-core VM the same loop can run 2x slower for seconds at a
+    time (other tenants, clock changes): interleaving spreads such a stretch over all cases
+    instead of one, and the minimum drops it (interference only ever adds time)."""
+    best: dict[int, tuple[float, float]] = {}
     for _ in range(rounds):
-        harness._sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn(x)
-        t1 = time.perf_counter()
-        harness._sync(device)
-        t2 = time.perf_counter()
-        best_host, best_wall = min(best_host, t1 - t0), min(best_wall, t2 - t0)
-    return best_host / reps * 1e6, best_wall / reps * 1e6
+        for i, (row, fn, x) in enumerate(cases):
+            host, wall = _time_round(fn, x, reps, device)
+            old = best.get(i, (float("inf"), float("inf")))
+            best[i] = (min(old[0], host), min(old[1], wall))
+    for i, (row, fn, x) in enumerate(cases):
+        row["host_us"] = best[i][0]
+        if device.type == "cuda":
+            row["wall_us"] = best[i][1]
+        row["status"] = "ok"
+        _progress(row)
 
 
 def _static_scale(fmt: str, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +88,12 @@ def _quantized(lin: nn.Linear, backend: str, activation: str, x: torch.Tensor):
 def _simulated_rows(args, rows: list[dict]) -> list[dict]:
     from .simulated_gpu import cuda_path_on_cpu, simulated_driver
 
+    cpu = torch.device("cpu")
     tiny = nn.Linear(64, 64, dtype=torch.bfloat16).requires_grad_(False)
-    xt = torch.randn(1, 64, dtype=torch.bfloat16)
-    host, _ = _time_calls(lambda v: F.linear(v, tiny.weight, tiny.bias), xt, args.reps, torch.device("cpu"))
-    rows.append(dict(bench="host", variant="torch-op", family="torch", format="none", activation="-",
-                     mode="cpu", status="ok", M=1, K=64, N=64, host_us=host, reps=args.reps,
-                     note="one F.linear at 1x64x64 on this CPU: the unit of a PyTorch op's host cost here"))
+    reference = dict(bench="host", variant="torch-op", family="torch", format="none", activation="-", mode="cpu",
+                     M=1, K=64, N=64, reps=args.reps,
+                     note="one F.linear at 1x64x64 on this CPU: the unit of a PyTorch op's host cost here")
+    cases = [(reference, lambda v: F.linear(v, tiny.weight, tiny.bias), torch.randn(1, 64, dtype=torch.bfloat16))]
     with simulated_driver(record_args=False) as sim, cuda_path_on_cpu(), torch.no_grad():
         for k, n in args.shapes:
             lin = make_linear(k, n, "cpu")
@@ -95,12 +111,13 @@ def _simulated_rows(args, rows: list[dict]) -> list[dict]:
                             before = sim.n_launches
                             layer(x)
                             row["launches"] = sim.n_launches - before
-                            row["host_us"], _ = _time_calls(layer, x, args.reps, torch.device("cpu"))
-                            row["status"] = "ok"
+                            cases.append((row, layer, x))
                         except Exception as exc:
                             row["status"] = harness.fmt_status(exc)
+                            _progress(row)
                         rows.append(row)
-                        _progress(row)
+        _time_cases(cases, args.reps, cpu, args.rounds)
+    rows.insert(0, reference)
     return rows
 
 
@@ -109,38 +126,36 @@ def _cuda_rows(args, rows: list[dict]) -> list[dict]:
 
     device = torch.device("cuda")
     variants = all_variants(device, peers=not args.no_peers, only=args.only.split(",") if args.only else None)
-    for k, n in args.shapes:
-        lin = make_linear(k, n, device)
-        for v in variants:
-            if not v.available:
-                rows.append(dict(bench="host", variant=v.name, family=v.family, format=v.format, status=v.status))
-                continue
-            activations = ("dynamic", "static") if v.name in SIMULATED else ("dynamic",)
-            for activation in activations:
-                for m in args.m:
-                    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-                    row = dict(bench="host", variant=v.name, family=v.family, format=v.format,
-                               activation=activation if v.format.startswith("w8a8") else "-", mode="cuda",
-                               M=m, K=k, N=n, reps=args.reps, note=v.note or None)
-                    try:
-                        if activation == "static":
-                            fn = _quantized(lin, v.name, activation, x)
-                        else:
-                            import copy
-
-                            module = nn.Sequential(copy.deepcopy(lin))
-                            v.apply(module)
-                            fn = module[0]
-                        with torch.no_grad():
-                            for _ in range(3):
+    cases = []
+    with torch.no_grad():
+        for k, n in args.shapes:
+            lin = make_linear(k, n, device)
+            for v in variants:
+                if not v.available:
+                    rows.append(dict(bench="host", variant=v.name, family=v.family, format=v.format, status=v.status))
+                    continue
+                activations = ("dynamic", "static") if v.name in SIMULATED else ("dynamic",)
+                for activation in activations:
+                    for m in args.m:
+                        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+                        row = dict(bench="host", variant=v.name, family=v.family, format=v.format,
+                                   activation=activation if v.format.startswith("w8a8") else "-", mode="cuda",
+                                   M=m, K=k, N=n, reps=args.reps, note=v.note or None)
+                        try:
+                            if activation == "static":
+                                fn = _quantized(lin, v.name, activation, x)
+                            else:
+                                module = nn.Sequential(copy.deepcopy(lin))
+                                v.apply(module)
+                                fn = module[0]
+                            for _ in range(3):  # compile, tune, warm
                                 fn(x)
-                            row["host_us"], row["wall_us"] = _time_calls(fn, x, args.reps, device)
-                        row["status"] = "ok"
-                    except Exception as exc:
-                        row["status"] = harness.fmt_status(exc)
-                    rows.append(row)
-                    _progress(row)
-                    torch.cuda.empty_cache()
+                            cases.append((row, fn, x))
+                        except Exception as exc:
+                            row["status"] = harness.fmt_status(exc)
+                            _progress(row)
+                        rows.append(row)
+        _time_cases(cases, args.reps, device, args.rounds)
     return rows
 
 
@@ -166,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton backends through the simulated driver (default without CUDA)")
     p.add_argument("--shapes", default="3072x3072", help="comma list of KxN (default 3072x3072)")
     p.add_argument("--m", default="1,16,256", help="comma list of token counts (default 1,16,256)")
-    p.add_argument("--reps", type=int, default=200, help="forwards per timing round (10 rounds, best kept)")
+    p.add_argument("--reps", type=int, default=200, help="forwards per timing round")
+    p.add_argument("--rounds", type=int, default=15, help="rounds over all cases (each case's best is kept)")
     p.add_argument("--only", default=None, help="CUDA: comma list of variant names (bf16 always kept)")
     p.add_argument("--no-peers", action="store_true", help="CUDA: skip torchao / bitsandbytes / diffusers")
     return p

@@ -7,8 +7,9 @@ Under ``benchmarks.simulated_gpu`` Triton compiles each kernel for sm90 exactly 
 (the same binder, so the same specialization of the arguments), and ptxas reports registers and
 spills. Per (kernel, config, shape) row: shared memory, registers, spill bytes, blocks per SM that
 shared memory and registers allow, and what the inner loop is made of (``wgmma`` warp-group MMAs
-vs ``mma.sync``, ``cp.async`` copies vs TMA bulk copies). A config that spills, or that fits one
-block per SM, is a tuning lead to check before spending GPU time on it; ``ptx_sha`` (the PTX
+vs ``mma.sync``, their instruction shape, how many MMA groups stay in flight across K iterations,
+``cp.async`` copies vs TMA bulk copies). A config that spills, or that fits one block per SM, is
+a tuning lead to check before spending GPU time on it; ``ptx_sha`` (the PTX
 with names and line info removed) shows whether two versions of a kernel compile to the same code.
 
 Nothing here is a timing: it says what the hardware will be given, not how fast it runs.
@@ -31,7 +32,7 @@ from . import harness
 
 COLUMNS = ["bench", "kernel", "status", "M", "K", "N", "block_m", "block_n", "block_k", "group_m", "num_stages",
            "num_warps", "shared_bytes", "registers", "spill_store_bytes", "spill_load_bytes", "blocks_per_sm",
-           "wgmma", "mma_sync", "cp_async", "tma", "ptx_sha", "note"]
+           "wgmma", "wgmma_shape", "wgmma_in_flight", "mma_sync", "cp_async", "tma", "ptx_sha", "note"]
 
 H100_SMEM_PER_SM = 233472  # 228 KiB per SM; a block may use 227 KiB of it
 H100_REGS_PER_SM = 65536
@@ -100,8 +101,14 @@ def normalized_ptx(ptx: str, name: str) -> str:
 def _describe(kernel, name: str) -> dict:
     ptx = kernel.asm["ptx"]
     md = kernel.metadata
+    shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    pending = [int(v) for v in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)]
     row = {"shared_bytes": md.shared, "num_warps": md.num_warps, "num_stages": md.num_stages,
-           "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+           "wgmma": ptx.count("wgmma.mma_async"), "wgmma_shape": "+".join(shapes) or None,
+           # The largest N of `wgmma.wait_group N`: how many warp-group MMA groups the K loop keeps
+           # in flight while it issues the next (0: every MMA is waited for before the next).
+           "wgmma_in_flight": max(pending) if pending else None,
+           "mma_sync": ptx.count("mma.sync"),
            "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), "tma": ptx.count("cp.async.bulk.tensor"),
            "ptx_sha": hashlib.sha256(normalized_ptx(ptx, md.name).encode()).hexdigest()[:12]}
     row.update(_ptxas_stats(ptx, md.enable_fp_fusion))
@@ -156,7 +163,8 @@ def _progress(row: dict) -> None:
     print(f"[kernels] {row['kernel']:<18} M={row['M']:<5} {row['K']}x{row['N']:<6} {cfg:<20} "
           f"smem {row['shared_bytes'] / 1024:6.1f} KiB  regs {row['registers']}  "
           f"spills {row['spill_store_bytes']}/{row['spill_load_bytes']}  blocks/SM {row['blocks_per_sm']}  "
-          f"wgmma {row['wgmma']} mma {row['mma_sync']} cp.async {row['cp_async']} tma {row['tma']}  {row['ptx_sha']}",
+          f"wgmma {row['wgmma']} {row['wgmma_shape'] or ''} in flight {row['wgmma_in_flight']}  mma {row['mma_sync']}  "
+          f"cp.async {row['cp_async']} tma {row['tma']}  {row['ptx_sha']}",
           flush=True)
 
 

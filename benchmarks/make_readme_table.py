@@ -179,7 +179,8 @@ def kernels_section(rows: list[dict], source: str) -> str:
     body = [[f"`{r['kernel']}`", r["M"], f"{r['K']}x{r['N']}", f"{r['block_m']}x{r['block_n']}x{r['block_k']}",
              r["num_stages"], r["num_warps"], f"{_num(r['shared_bytes']) / 1024:.0f}", r["registers"],
              f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", r["blocks_per_sm"],
-             "wgmma" if _num(r["wgmma"]) else "mma.sync", r["ptx_sha"]] for r in ok]
+             (f"wgmma {r.get('wgmma_shape', '')}, {r.get('wgmma_in_flight', '')} in flight" if _num(r["wgmma"])
+              else "mma.sync"), r["ptx_sha"]] for r in ok]
     parts = [_env_line(rows, source), "",
              "Each autotune config as compiled for sm90 (Triton on the CPU; ptxas -v): not timings.\n",
              _table(["kernel", "M", "KxN", "tile", "stages", "warps", "smem KiB", "regs", "spills st/ld",

@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -28,4 +29,7 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different, reproducible seed per test: fresh inputs each case, never shared zeros.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), so a failure
+    # would not come back on a re-run. QK_TEST_SEED shifts every seed (hunting for tolerances
+    # that only hold for some inputs: run the suite under a few values).
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("QK_TEST_SEED", "0"))) % 2**31)

@@ -61,10 +61,18 @@ def make_linear(k: int, n: int, device, dtype=torch.bfloat16, seed: int = 0) -> 
 
 def _raw_kernels(device: torch.device) -> list[tuple[str, str, str | None]]:
     """(name, peak kind, unavailable reason) of the bare GEMM kernels, no quantization around
-    them: the ceiling each backend's epilogue and activation quantization eat into."""
+    them: the ceiling each backend's epilogue and activation quantization eat into. The two
+    Triton e4m3 kernels (fp8-triton's GEMM and the experimental persistent TMA one) side by side
+    decide FP8Triton.TMA_MIN_M."""
     fp8 = fp8_gemm_reason(device)
+    fp8_status = f"unavailable: {fp8}" if fp8 else None
+    triton = fp8_status or (None if device.type == "cuda" else
+                            "unavailable: Triton on CPU is the interpreter (tests only), not benchmarked")
+    if triton is None and torch.cuda.get_device_capability(device)[0] < 9:
+        triton = "unavailable: the TMA kernel needs Hopper (sm90+)"
     return [("raw-bf16-mm", "bf16", None), ("raw-int_mm", "int8", None),
-            ("raw-scaled_mm-fp8", "fp8", f"unavailable: {fp8}" if fp8 else None)]
+            ("raw-scaled_mm-fp8", "fp8", fp8_status), ("raw-triton-fp8", "fp8", fp8_status or triton),
+            ("raw-triton-fp8-tma", "fp8", triton)]
 
 
 def run(args, rows: list[dict] | None = None) -> list[dict]:
@@ -164,8 +172,12 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
             if args.only and name not in args.only.split(","):
                 continue
             for m in ms:
-                row = dict(bench="raw-kernel", variant=name, family="torch", M=m, K=k, N=n, peak_kind=kind,
-                           note="bare kernel on pre-quantized operands, no activation quant or epilogue")
+                triton_kernel = name.startswith("raw-triton")
+                row = dict(bench="raw-kernel", variant=name, family="triton" if triton_kernel else "torch", M=m, K=k,
+                           N=n, peak_kind=kind,
+                           note=("kernel on pre-quantized operands, its fused rowwise-scale epilogue included"
+                                 if triton_kernel else
+                                 "bare kernel on pre-quantized operands, no activation quant or epilogue"))
                 if reason:
                     row["status"] = reason
                     rows.append(row)
@@ -186,8 +198,15 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
                         ops_in = [((torch.randn(m, k, generator=g) * 100).clamp(-448, 448)
                                    .to(device, torch.float8_e4m3fn), wf8) for _ in inputs[m]]
                         sa = torch.ones(m, 1, device=device)
-                        fn = lambda a, w: torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=ws,  # noqa: E731
-                                                           out_dtype=torch.bfloat16)
+                        if name == "raw-scaled_mm-fp8":
+                            fn = lambda a, w: torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=ws,  # noqa: E731
+                                                               out_dtype=torch.bfloat16)
+                        else:
+                            import qkernels.triton as kt
+
+                            kernel = kt.fp8_gemm_tma if name.endswith("-tma") else kt.fp8_gemm
+                            fn = lambda a, w, kernel=kernel: kernel(a, sa[:, 0], w, ws[0], None,  # noqa: E731
+                                                                    torch.bfloat16)
                     row["n_buffers"] = len(ops_in)
                     t = harness.bench(fn, ops_in, device, budget_s=budget, warmup=1)
                     _fill_timing(row, t, 2.0 * m * k * n, device)

@@ -74,6 +74,31 @@ GEMMS = {
 }
 
 
+# The experimental persistent TMA e4m3 GEMM (qkernels.triton.fp8_gemm_tma): its default and the
+# variants a GPU sweep would try (stages, the flattened tile loop, a 128-wide N tile).
+TMA_VARIANTS = [
+    {},
+    dict(num_stages=4),
+    dict(FLATTEN=False),
+    dict(BLOCK_N=128, num_stages=4),
+]
+
+
+def _tma_compile(m: int, n: int, k: int, variant: dict):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fp8 = importlib.import_module("qkernels.triton.fp8_gemm")
+    cfg = dict(fp8.TMA_CONFIG, **variant)
+    flatten = cfg.pop("FLATTEN", True)
+    e4, f32, bf16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
+    a_desc = TensorDescriptor(_tiny(e4), [m, k], [k, 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    w_desc = TensorDescriptor(_tiny(e4), [n, k], [k, 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    args = (a_desc, w_desc, _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16), m, n, k, n, 1)
+    compiled = fp8._fp8_gemm_tma_kernel.warmup(*args, grid=(132,), HAS_BIAS=True, NUM_PROGRAMS=132, FLATTEN=flatten,
+                                               **cfg, enable_fp_fusion=False)
+    return compiled, cfg, flatten
+
+
 def _ptxas_stats(ptx: str, fmad: bool) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -152,6 +177,23 @@ def run(args, rows: list[dict]) -> list[dict]:
                             row["status"] = harness.fmt_status(exc)
                         rows.append(row)
                         _progress(row)
+        if only and "fp8_gemm_tma" not in only:
+            return rows
+        for k, n in shapes:
+            for m in [m for m in ms if m > 64]:  # backends would use it at large M only
+                for variant in TMA_VARIANTS:
+                    row = dict(bench="kernel", kernel="fp8_gemm_tma", M=m, K=k, N=n,
+                               note=", ".join(f"{key}={v}" for key, v in variant.items()) or "default")
+                    try:
+                        compiled, cfg, flatten = _tma_compile(m, n, k, variant)
+                        row.update(block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"], block_k=cfg["BLOCK_K"],
+                                   group_m=cfg["GROUP_M"])
+                        row.update(_describe(compiled, "fp8_gemm_tma"), status="ok")
+                    except Exception as exc:
+                        row["status"] = harness.fmt_status(exc)
+                        row.update(block_m="?", block_n="?", block_k="?")
+                    rows.append(row)
+                    _progress(row)
     return rows
 
 
@@ -175,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="K=3072 N=12288 only, M in 16,8192")
     p.add_argument("--shapes", default=None, help="comma list of KxN")
     p.add_argument("--m", default=None, help="comma list of M values (each picks its autotune bucket's configs)")
-    p.add_argument("--only", default=None, help=f"comma list of kernels: {','.join(GEMMS)}")
+    p.add_argument("--only", default=None, help=f"comma list of kernels: {','.join(GEMMS)},fp8_gemm_tma")
     return p
 
 

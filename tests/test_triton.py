@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from qkernels import InputError, QuantLinear, formats, list_backends, ops
+from qkernels import InputError, QuantLinear, UnsupportedShapeError, formats, list_backends, ops
 from qkernels.capabilities import triton_reason
 from qkernels.ops import gemms
 
@@ -225,6 +225,39 @@ def test_fp8_gemm_within_bound(m, dtype):
     assert rel_error(y.cpu(), exact) < 2 * ROUNDING_RMS[dtype] + 1e-6
 
 
+# The interpreter runs each program as numpy: small tiles keep it to seconds. On a GPU the
+# kernel's own Hopper default (kernel_report: TMA loads, wgmma with one group in flight).
+TMA_TEST_CONFIG = None if HAS_CUDA else dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4,
+                                             num_stages=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dt_id)
+@pytest.mark.parametrize("m", MS)
+def test_fp8_gemm_tma_within_bound_and_equal_to_fp8_gemm(m, dtype):
+    """The experimental persistent TMA kernel: the format's bound against float64 (a 10% wrong
+    scale fails it), and the pointer kernel's result up to summation order."""
+    k, n = 208, 144  # TMA: K % 16 == 0
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    wf = torch.randn(n, k, device=DEV) * k**-0.5
+    b = torch.randn(n, dtype=dtype, device=DEV) * 0.1
+    w, w_s = formats.quantize_weight(wf, "w8a8-fp8")
+    q, s = kt.quantize_per_token(x, None, True)
+    y = kt.fp8_gemm_tma(q, s, w, w_s, b, dtype, config=TMA_TEST_CONFIG)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = (x.cpu().double() @ wf.cpu().double().t()) + b.cpu().double()
+    _check_bound(y, ref, predicted_error("w8a8-fp8", x.cpu(), wf.cpu(), dtype),
+                 lambda: kt.fp8_gemm_tma(q, s, w, w_s * 1.1, b, dtype, config=TMA_TEST_CONFIG))
+    y_ptr = kt.fp8_gemm(q, s, w, w_s, b, dtype)
+    assert rel_error(y.cpu(), y_ptr.cpu().double()) < 2 * ROUNDING_RMS[dtype] + 1e-6
+
+
+def test_fp8_gemm_tma_refuses_a_k_tma_cannot_stride():
+    q = torch.zeros(16, 203, device=DEV).to(torch.float8_e4m3fn)
+    w = torch.zeros(32, 203, device=DEV).to(torch.float8_e4m3fn)
+    with pytest.raises(UnsupportedShapeError, match="K % 16 == 0"):
+        kt.fp8_gemm_tma(q, torch.ones(16, device=DEV), w, torch.ones(32, device=DEV), None, torch.bfloat16)
+
+
 @pytest.mark.parametrize("fmt", ["w8-int8", "w8-fp8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
 @pytest.mark.parametrize("m", MS)
@@ -404,3 +437,45 @@ def test_gpu_fast_launch_path_is_exact_across_specializations():
                 assert same_bits(q, q_ref) and same_bits(s, s_ref), (m, offset)
                 y = kt.int8_gemm(q, s, w8, w8_s, b, torch.bfloat16)
                 assert torch.equal(y, ops.int8_mm_dequant.reference(q, s, w8, w8_s, b, torch.bfloat16)), (m, offset)
+
+
+def test_fp8_triton_layer_takes_the_tma_gemm_when_enabled(monkeypatch):
+    """FP8Triton.TMA_MIN_M routes the layer's GEMM to fp8_gemm_tma (and nothing else changes):
+    same result as the default path up to summation order, and the op is the one called."""
+    from qkernels.backends.triton_backends import FP8Triton
+
+    lin = torch.nn.Linear(64, 96, dtype=torch.bfloat16, device=DEV)
+    layer = QuantLinear.from_linear(lin, "fp8-triton")
+    x = torch.randn(3, 11, 64, dtype=torch.bfloat16, device=DEV)
+    y_default = layer(x)
+    calls = []
+    original = kt.fp8_gemm_tma
+    monkeypatch.setattr(kt, "fp8_gemm_tma", lambda *a: calls.append(a[0].shape) or original(*a))
+    monkeypatch.setattr(gemms.fp8_gemm_tma, "_impls", {t: (lambda *a: calls.append(a[0].shape) or original(*a))
+                                                        for t in ("cpu", "cuda")})
+    monkeypatch.setattr(FP8Triton, "TMA_MIN_M", 16)
+    y_tma = layer(x)
+    assert calls == [(33, 64)]
+    assert rel_error(y_tma.cpu(), y_default.cpu().double()) < 2 * ROUNDING_RMS[torch.bfloat16]
+    layer(x[:, :5])  # 15 tokens: under TMA_MIN_M, the default kernel
+    assert calls == [(33, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", GPU_CASES + [pytest.param(300, 3072, 3072, id="M300-K3072-N3072")])
+def test_gpu_fp8_gemm_tma_qwen_shapes(m, k, n):
+    """The experimental persistent TMA e4m3 GEMM on the GPU, default config, at Qwen-Image shapes
+    (and an M that leaves a partial tile): the format's bound against float64, a 10% wrong
+    scale fails it, and fp8_gemm's result up to summation order."""
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+    wf = torch.randn(n, k, device=dev) * k**-0.5
+    b = torch.randn(n, dtype=torch.bfloat16, device=dev) * 0.1
+    w, w_s = formats.quantize_weight(wf, "w8a8-fp8")
+    q, s = kt.quantize_per_token(x, None, True)
+    y = kt.fp8_gemm_tma(q, s, w, w_s, b, torch.bfloat16)
+    ref = x.double() @ wf.double().t() + b.double()
+    _check_bound(y, ref, predicted_error("w8a8-fp8", x, wf, torch.bfloat16),
+                 lambda: kt.fp8_gemm_tma(q, s, w, w_s * 1.1, b, torch.bfloat16))
+    y_ptr = kt.fp8_gemm(q, s, w, w_s, b, torch.bfloat16)
+    assert rel_error(y, y_ptr.double()) < 2 * ROUNDING_RMS[torch.bfloat16] + 1e-6

@@ -31,6 +31,7 @@ _CUDA_KERNELS = {
     gemms.int8_gemm: "int8_gemm",
     gemms.int8_static_gemm: "int8_static_gemm",
     gemms.fp8_gemm: "fp8_gemm",
+    gemms.fp8_gemm_tma: "fp8_gemm_tma",
     gemms.weight_only_gemm: "weight_only_gemm",
 }
 
@@ -119,10 +120,17 @@ class FP8Triton(_TritonW8A8):
             reason = fp8_gemm_reason(device)  # e4m3 tensor cores: sm89+
         return reason
 
+    # From this many tokens on, the persistent TMA GEMM (qkernels.triton.fp8_gemm_tma) instead of
+    # fp8_gemm; None: never. Off until a GPU run of benchmarks.gemm (rows raw-triton-fp8 and
+    # raw-triton-fp8-tma) shows it faster; it needs in_features % 16 == 0 (TMA row strides).
+    TMA_MIN_M: int | None = None
+
     def forward(self, layer, x):
         k = _kernels(x)
         if layer.input_scale is not None:
             q, s = k.quantize_per_tensor(x, layer.input_scale, layer.input_smooth, True)
         else:
             q, s = k.quantize_per_token(x, layer.input_smooth, True)
+        if self.TMA_MIN_M is not None and x.shape[0] >= self.TMA_MIN_M and x.shape[1] % 16 == 0:
+            return k.fp8_gemm_tma(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return k.fp8_gemm(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import formats
 from . import KernelOp, dequant_epilogue, gemm_fake, int8_mm_dequant_reference, int_mm
 
-__all__ = ["int8_gemm", "int8_static_gemm", "fp8_gemm", "weight_only_gemm"]
+__all__ = ["int8_gemm", "int8_static_gemm", "fp8_gemm", "fp8_gemm_tma", "weight_only_gemm"]
 
 
 def _int8_static_gemm_ref(
@@ -60,4 +60,6 @@ def _weight_only_gemm_fake(x, w, w_scale, bias):
 int8_gemm = KernelOp("int8_gemm", int8_mm_dequant_reference, gemm_fake)
 int8_static_gemm = KernelOp("int8_static_gemm", _int8_static_gemm_ref, _int8_static_gemm_fake)
 fp8_gemm = KernelOp("fp8_gemm", _fp8_gemm_ref, gemm_fake)
+# The experimental persistent TMA kernel (qkernels.triton.fp8_gemm_tma): the same product.
+fp8_gemm_tma = KernelOp("fp8_gemm_tma", _fp8_gemm_ref, gemm_fake)
 weight_only_gemm = KernelOp("weight_only_gemm", _weight_only_gemm_ref, _weight_only_gemm_fake)

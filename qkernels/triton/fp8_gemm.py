@@ -15,16 +15,20 @@ rowwise torch._scaled_mm on the same inputs 550 us. At K=12288, N=3072: 501 us v
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..errors import UnsupportedShapeError
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, even_k, gemm_tile_setup, load_k_tiles, make_launcher, prune_by_m, scaled_gemm,
-    store_scaled,
+    AUTOTUNE_KEY, CONFIGS_8BIT, INTERPRET, cdiv, check_gemm, check_out_dtype, check_vector, even_k, gemm_tile_setup,
+    grouped_tile, load_k_tiles, make_launcher, prune_by_m, scaled_gemm, store_scaled,
 )
 
-__all__ = ["fp8_gemm"]
+__all__ = ["fp8_gemm", "fp8_gemm_tma"]
 
 
 @triton.autotune(configs=CONFIGS_8BIT, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
@@ -64,3 +68,88 @@ def fp8_gemm(
     """``(a [M, K] e4m3 @ w [N, K] e4m3 .T) * a_scale[M] * w_scale[N] (+ bias)`` in fp32, out in
     ``out_dtype`` (any of bf16/fp16/fp32, unlike rowwise torch._scaled_mm's bf16 only)."""
     return scaled_gemm(_fp8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.float8_e4m3fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Experimental: persistent, TMA-fed e4m3 GEMM (Hopper). Not used by any backend until measured
+# against fp8_gemm on a GPU (benchmarks.gemm's `raw-triton-fp8-tma` rows); enable with
+# FP8Triton.TMA_MIN_M. Compiled for sm90 (benchmarks.kernel_report) its K loop is the same
+# wgmma m64n256k32 with one MMA group in flight as fp8_gemm's, fed by 6 TMA bulk copies instead
+# of 36 cp.async, with 180 KiB of shared memory at 128x256x128 / 3 stages; one program per SM
+# walks the output tiles in fp8_gemm's grouped order, so the epilogue of one tile overlaps the
+# loads of the next (``flatten``).
+
+TMA_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+TMA_MIN_K = 16  # a TMA row stride must be a multiple of 16 bytes: K % 16 == 0 for e4m3 rows
+
+
+@triton.jit
+def _fp8_gemm_tma_kernel(
+    a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(k_tiles):
+            # Out-of-bounds rows and K columns of a descriptor load read as zero.
+            a = a_desc.load([off_m, kk * BLOCK_K])
+            b = w_desc.load([off_n, kk * BLOCK_K])  # [BLOCK_N, BLOCK_K], K contiguous: K-major B
+            acc = tl.dot(a, b.T, acc)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        store_scaled(c_ptr, acc * a_scale[:, None], w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
+                     stride_cm, stride_cn, HAS_BIAS)
+
+
+_fp8_gemm_tma_launch = make_launcher(_fp8_gemm_tma_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def fp8_gemm_tma(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The same product as :func:`fp8_gemm`, by the persistent TMA kernel (Hopper, or the
+    interpreter). ``config``: block sizes, ``GROUP_M``, ``num_warps``, ``num_stages`` and
+    optionally ``FLATTEN`` (default ``TMA_CONFIG``, flattened)."""
+    m, n, k = check_gemm(a, w, w_scale, bias, (torch.float8_e4m3fn,), (torch.float8_e4m3fn,))
+    check_vector("a_scale", a_scale, m)
+    check_out_dtype(out_dtype)
+    if k % TMA_MIN_K or a.stride(1) != 1 or w.stride(1) != 1:
+        raise UnsupportedShapeError(f"the TMA GEMM needs K % {TMA_MIN_K} == 0 and K-contiguous operands "
+                                    f"(got K={k}, strides {a.stride()} and {w.stride()})")
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0:
+        return c
+    cfg = dict(TMA_CONFIG, **(config or {}))
+    flatten = cfg.pop("FLATTEN", True)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, bk])
+    w_desc = TensorDescriptor(w, [n, k], [w.stride(0), 1], [bn, bk])
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    programs = min(tiles, 4 if INTERPRET else _programs(a.device.index or 0))
+    _fp8_gemm_tma_launch(
+        (programs,), (),
+        (a_desc, w_desc, c, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
+         c.stride(0), c.stride(1)),
+        HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, FLATTEN=flatten, **cfg,
+        enable_fp_fusion=False,
+    )
+    return c

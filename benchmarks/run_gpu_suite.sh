@@ -14,10 +14,11 @@
 #                 blocks): bf16, torchao int8/fp8 and fp8-triton under torch.compile, fp8-triton eager
 #   gemm-compile  torch.compile'd torchao and bf16 at M in QK_COMPILE_M (default 4096,16384)
 #
-# Time: QK_BUDGET_S (default 540) bounds the whole run. Each step runs under `timeout` with what is
-# left; at the limit it gets SIGINT, writes the rows it measured and the suite moves on (logged as
-# "cut"); a step that would start with under 30 s left is skipped (logged). Every step's duration
-# is in suite.log. Triton's autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING=1), so
+# Time: QK_BUDGET_S (default 540) bounds the whole run from the script's start (wheel installs
+# included), leaving a 10-minute command limit room for a stopped step's last writes. Each step
+# runs under `timeout` with what is left; at the limit it gets SIGINT, writes the rows it
+# measured and the suite moves on (logged as "cut"); a step that would start with under 30 s
+# left is skipped (logged). Every step's duration is in suite.log. Triton's autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING=1), so
 # shapes tuned by one step are not tuned again by the next.
 #
 # Packages missing on the GPU machine: QK_WHEELS=DIR installs DIR/*.whl (no index, no deps) into
@@ -34,6 +35,7 @@
 set -uo pipefail
 
 OUT_DIR=${1:?usage: run_gpu_suite.sh OUT_DIR}
+START=$SECONDS  # the budget counts from here: wheel installs and start-up included
 PYTHON=${PYTHON:-python3}
 STEPS=${QK_STEPS:-"tests gemm e2e host accuracy e2e-compile gemm-compile"}
 BUDGET=${QK_BUDGET_S:-540}
@@ -82,7 +84,6 @@ if [ "$DRY" != "0" ]; then
 fi
 
 FAILED=()
-START=$SECONDS
 step() {  # step NAME CMD...: run under the time left, tee its log, record failure, never stop the suite
   local name=$1; shift
   local left=$((BUDGET - (SECONDS - START)))

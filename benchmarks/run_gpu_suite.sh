@@ -18,7 +18,8 @@
 # included), leaving a 10-minute command limit room for a stopped step's last writes. Each step
 # runs under `timeout` with what is left; at the limit it gets SIGINT, writes the rows it
 # measured and the suite moves on (logged as "cut"); a step that would start with under 30 s
-# left is skipped (logged). Every step's duration is in suite.log. Triton's autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING=1), so
+# left is skipped (logged); QK_STEP_CAPS caps single steps (default "tests=200 gemm=150 e2e=120
+# host=45 accuracy=60", the compile steps take what is left). Every step's duration is in suite.log. Triton's autotuning results are cached on disk (TRITON_CACHE_AUTOTUNING=1), so
 # shapes tuned by one step are not tuned again by the next.
 #
 # Packages missing on the GPU machine: QK_WHEELS=DIR installs DIR/*.whl (no index, no deps) into
@@ -40,6 +41,8 @@ PYTHON=${PYTHON:-python3}
 STEPS=${QK_STEPS:-"tests gemm e2e host accuracy e2e-compile gemm-compile"}
 BUDGET=${QK_BUDGET_S:-540}
 MIN_STEP_S=30
+# Per-step caps, so one slow step cannot starve the ones after it (compile steps get what is left).
+STEP_CAPS=${QK_STEP_CAPS:-"tests=200 gemm=150 e2e=120 host=45 accuracy=60"}
 BLOCKS=${QK_BLOCKS:-6}
 COMPILE_BLOCKS=${QK_COMPILE_BLOCKS:-2}
 GEMM_M=${QK_GEMM_M:-16,256,4096,8192,16384}
@@ -84,6 +87,14 @@ if [ "$DRY" != "0" ]; then
 fi
 
 FAILED=()
+cap_of() {  # the step's own cap in seconds from QK_STEP_CAPS ("name=seconds ..."), else none
+  local pair
+  for pair in $STEP_CAPS; do
+    [ "${pair%%=*}" = "$1" ] && { echo "${pair#*=}"; return; }
+  done
+  echo 999999
+}
+
 step() {  # step NAME CMD...: run under the time left, tee its log, record failure, never stop the suite
   local name=$1; shift
   local left=$((BUDGET - (SECONDS - START)))
@@ -92,16 +103,19 @@ step() {  # step NAME CMD...: run under the time left, tee its log, record failu
     FAILED+=("$name(skipped: budget)")
     return
   fi
-  log "start $name (limit ${left} s): $*"
+  local cap limit=$left
+  cap=$(cap_of "$name")
+  [ "$cap" -lt "$limit" ] && limit=$cap
+  log "start $name (limit ${limit} s, ${left} s left): $*"
   local t0=$SECONDS
-  timeout --signal=INT --kill-after=30 "$left" "$@" 2>&1 | tee "$WORK/logs/$name.log"
+  timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee "$WORK/logs/$name.log"
   local rc=${PIPESTATUS[0]}
   log "end $name: exit $rc after $((SECONDS - t0)) s"
   if [ "$name" = tests ] && [ "$rc" -eq 5 ]; then
     log "tests: pytest collected no gpu-marked test (exit 5), not counted as a failure"
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]; then
-    log "$name: cut at the budget; the rows it measured are kept"
-    FAILED+=("$name(cut at the budget)")
+    log "$name: cut at its time limit; the rows it measured are kept"
+    FAILED+=("$name(cut at its time limit)")
   elif [ "$rc" -ne 0 ]; then
     FAILED+=("$name(exit $rc)")
   fi

@@ -180,11 +180,11 @@ def kernels_section(rows: list[dict], source: str) -> str:
              r["num_stages"], r["num_warps"], f"{_num(r['shared_bytes']) / 1024:.0f}", r["registers"],
              f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", r["blocks_per_sm"],
              (f"wgmma {r.get('wgmma_shape', '')}, {r.get('wgmma_in_flight', '')} in flight" if _num(r["wgmma"])
-              else "mma.sync"), r["ptx_sha"]] for r in ok]
+              else "mma.sync"), r["ptx_sha"], r.get("note") or ""] for r in ok]
     parts = [_env_line(rows, source), "",
              "Each autotune config as compiled for sm90 (Triton on the CPU; ptxas -v): not timings.\n",
              _table(["kernel", "M", "KxN", "tile", "stages", "warps", "smem KiB", "regs", "spills st/ld",
-                     "blocks/SM", "MMA", "PTX sha"], body)]
+                     "blocks/SM", "MMA", "PTX sha", "note"], body)]
     bad = [r for r in rows if r.get("status") != "ok"]
     if bad:
         parts.append("\nDid not compile: " + "; ".join(f"`{r['kernel']}` {r['block_m']}x{r['block_n']}x{r['block_k']} "

@@ -74,8 +74,9 @@ def fp8_gemm(
 # Experimental: persistent, TMA-fed e4m3 GEMM (Hopper). Not used by any backend until measured
 # against fp8_gemm on a GPU (benchmarks.gemm's `raw-triton-fp8-tma` rows); enable with
 # FP8Triton.TMA_MIN_M. Compiled for sm90 (benchmarks.kernel_report) its K loop is the same
-# wgmma m64n256k32 with one MMA group in flight as fp8_gemm's, fed by 6 TMA bulk copies instead
-# of 36 cp.async, with 180 KiB of shared memory at 128x256x128 / 3 stages; one program per SM
+# wgmma m64n256k32 with one MMA group in flight as fp8_gemm's, fed by TMA bulk copies (6 in the
+# PTX, where fp8_gemm has 36 cp.async), 176 KiB of shared memory at 128x256x128 / 3 stages
+# (Triton 3.6); one program per SM
 # walks the output tiles in fp8_gemm's grouped order, so the epilogue of one tile overlaps the
 # loads of the next (``flatten``).
 

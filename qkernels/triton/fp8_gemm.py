@@ -76,9 +76,8 @@ def fp8_gemm(
 # FP8Triton.TMA_MIN_M. Compiled for sm90 (benchmarks.kernel_report) its K loop is the same
 # wgmma m64n256k32 with one MMA group in flight as fp8_gemm's, fed by TMA bulk copies (6 in the
 # PTX, where fp8_gemm has 36 cp.async), 176 KiB of shared memory at 128x256x128 / 3 stages
-# (Triton 3.6); one program per SM
-# walks the output tiles in fp8_gemm's grouped order, so the epilogue of one tile overlaps the
-# loads of the next (``flatten``).
+# (Triton 3.6); one program per SM walks the output tiles in fp8_gemm's grouped order, so the
+# epilogue of one tile overlaps the loads of the next (``flatten``).
 
 TMA_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 TMA_MIN_K = 16  # a TMA row stride must be a multiple of 16 bytes: K % 16 == 0 for e4m3 rows

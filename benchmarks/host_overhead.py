@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args.shapes = _parse_shapes(args.shapes)
     args.m = [int(v) for v in args.m.split(",")]
     simulate = args.simulate if args.simulate is not None else not torch.cuda.is_available()
+    if simulate and harness.env_flag("TRITON_INTERPRET"):
+        print("error: --simulate times Triton's compiled launch path; unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
     device = torch.device("cpu" if simulate else "cuda")
     env = harness.environment(device)
     print(f"[host] {env['device_name']}  torch {env['torch']}  triton {env['triton']}  "

@@ -66,13 +66,14 @@ def _raw_kernels(device: torch.device) -> list[tuple[str, str, str | None]]:
     decide FP8Triton.TMA_MIN_M."""
     fp8 = fp8_gemm_reason(device)
     fp8_status = f"unavailable: {fp8}" if fp8 else None
-    triton = fp8_status or (None if device.type == "cuda" else
-                            "unavailable: Triton on CPU is the interpreter (tests only), not benchmarked")
-    if triton is None and torch.cuda.get_device_capability(device)[0] < 9:
-        triton = "unavailable: the TMA kernel needs Hopper (sm90+)"
+    triton_status = fp8_status or (None if device.type == "cuda" else
+                                   "unavailable: Triton on CPU is the interpreter (tests only), not benchmarked")
+    tma_status = triton_status
+    if tma_status is None and torch.cuda.get_device_capability(device)[0] < 9:
+        tma_status = "unavailable: the TMA kernel needs Hopper (sm90+)"
     return [("raw-bf16-mm", "bf16", None), ("raw-int_mm", "int8", None),
-            ("raw-scaled_mm-fp8", "fp8", fp8_status), ("raw-triton-fp8", "fp8", fp8_status or triton),
-            ("raw-triton-fp8-tma", "fp8", triton)]
+            ("raw-scaled_mm-fp8", "fp8", fp8_status), ("raw-triton-fp8", "fp8", triton_status),
+            ("raw-triton-fp8-tma", "fp8", tma_status)]
 
 
 def run(args, rows: list[dict] | None = None) -> list[dict]:
@@ -218,9 +219,7 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
         del lin, inputs, refs
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    _speedups(rows)
-    return rows
+    return rows  # speedups: main's collect_rows(finish=_speedups), interrupted or not
 
 
 _DEVICE_NAME: dict[str, str] = {}

@@ -71,18 +71,25 @@ def _time_cases(cases: list[tuple[dict, object, torch.Tensor]], reps: int, devic
         _progress(row)
 
 
-def _static_scale(fmt: str, x: torch.Tensor) -> torch.Tensor:
-    from qkernels import formats
-
-    return formats.static_scale_from_amax(x.float().abs().amax().cpu(), fmt)
-
-
 def _quantized(lin: nn.Linear, backend: str, activation: str, x: torch.Tensor):
-    from qkernels import QuantLinear, get_backend
+    """``lin`` as a ``backend`` layer; ``static``: with the scale calibrated on ``x`` itself."""
+    from qkernels import QuantLinear, formats, get_backend
 
-    fmt = get_backend(backend).format
-    scale = _static_scale(fmt, x) if activation == "static" else None
+    scale = None
+    if activation == "static":
+        scale = formats.static_scale_from_amax(x.float().abs().amax().cpu(), get_backend(backend).format)
     return QuantLinear.from_linear(lin, backend, activation=activation, input_scale=scale)
+
+
+def _add_case(rows: list[dict], cases: list, row: dict, build, x: torch.Tensor) -> None:
+    """Build and warm one case (``build(row)`` returns the callable, may fill row columns); a
+    failure is the row's status instead of a timing."""
+    try:
+        cases.append((row, build(row), x))
+    except Exception as exc:
+        row["status"] = harness.fmt_status(exc)
+        _progress(row)
+    rows.append(row)
 
 
 def _simulated_rows(args, rows: list[dict]) -> list[dict]:
@@ -104,18 +111,17 @@ def _simulated_rows(args, rows: list[dict]) -> list[dict]:
                         row = dict(bench="host", variant=backend, family="qkernels", activation=activation,
                                    mode="simulated-driver", M=m, K=k, N=n, reps=args.reps,
                                    note="CUDA code path on CPU tensors, launches recorded not run (sm90)")
-                        try:
+
+                        def build(row):  # called at once by _add_case
                             layer = _quantized(lin, backend, activation, x)
                             row["format"] = layer.format
                             layer(x)  # compile + tune (the simulated benchmark) once
                             before = sim.n_launches
                             layer(x)
                             row["launches"] = sim.n_launches - before
-                            cases.append((row, layer, x))
-                        except Exception as exc:
-                            row["status"] = harness.fmt_status(exc)
-                            _progress(row)
-                        rows.append(row)
+                            return layer
+
+                        _add_case(rows, cases, row, build, x)
         _time_cases(cases, args.reps, cpu, args.rounds)
     rows.insert(0, reference)
     return rows
@@ -141,7 +147,8 @@ def _cuda_rows(args, rows: list[dict]) -> list[dict]:
                         row = dict(bench="host", variant=v.name, family=v.family, format=v.format,
                                    activation=activation if v.format.startswith("w8a8") else "-", mode="cuda",
                                    M=m, K=k, N=n, reps=args.reps, note=v.note or None)
-                        try:
+
+                        def build(row):  # called at once by _add_case
                             if activation == "static":
                                 fn = _quantized(lin, v.name, activation, x)
                             else:
@@ -150,11 +157,9 @@ def _cuda_rows(args, rows: list[dict]) -> list[dict]:
                                 fn = module[0]
                             for _ in range(3):  # compile, tune, warm
                                 fn(x)
-                            cases.append((row, fn, x))
-                        except Exception as exc:
-                            row["status"] = harness.fmt_status(exc)
-                            _progress(row)
-                        rows.append(row)
+                            return fn
+
+                        _add_case(rows, cases, row, build, x)
         _time_cases(cases, args.reps, device, args.rounds)
     return rows
 

@@ -236,12 +236,17 @@ def gemm_grid(m: int, n: int):
     return lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
 
-def gemm_int_args(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> tuple:
-    """The integer arguments every GEMM kernel takes after its pointers:
-    ``M, N, K, M_BUCKET, stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn``."""
+def launch_gemm(launch, pointers: tuple, a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, **meta) -> None:
+    """Launch a GEMM kernel whose arguments are ``pointers`` then ``M, N, K, M_BUCKET`` and the
+    strides of A [M, K], W [N, K] and C [M, N] (the signature every GEMM kernel here shares), on
+    the grid and autotune key of that shape. fp32 epilogues without FMA contraction:
+    (acc * a_s) * w_s + bias as separate roundings, like torch."""
     m, k = a.shape
     n = w.shape[0]
-    return (m, n, k, m_bucket(m), a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1))
+    mb = m_bucket(m)
+    launch(gemm_grid(m, n), (mb, n, k),
+           (*pointers, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
+           **meta, enable_fp_fusion=False)
 
 
 def scaled_gemm(launch, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -254,11 +259,8 @@ def scaled_gemm(launch, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return c
-    ints = gemm_int_args(a, w, c)
-    launch(gemm_grid(m, n), (ints[3], n, k),
-           (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale, *ints),
-           HAS_BIAS=bias is not None,
-           enable_fp_fusion=False)  # (acc * a_s) * w_s + bias as separate roundings, like torch
+    launch_gemm(launch, (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale), a, w, c,
+                HAS_BIAS=bias is not None)
     return c
 
 

@@ -125,6 +125,3 @@ class KernelLauncher:
         binder = self.jit.device_caches[full_key[2]][4]
         bound, _, _ = binder(*args, **kwargs)
         self._compiled[full_key] = (kernel, tuple(bound.values())[len(args):], kwargs)
-
-    def cache_size(self) -> int:
-        return len(self._compiled)

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_vector, even_k, gemm_grid, gemm_int_args,
-    gemm_tile_setup, load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_vector, even_k, gemm_tile_setup, launch_gemm,
+    load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_scaled,
 )
 
 __all__ = ["int8_gemm", "int8_static_gemm"]
@@ -127,12 +127,8 @@ def int8_static_gemm(
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
-    ints = gemm_int_args(x, w, c)
-    _int8_static_gemm_launch(
-        gemm_grid(m, n), (ints[3], n, k),
-        (x, scale, smooth if smooth is not None else w_scale, w, c, w_scale, bias if bias is not None else w_scale,
-         *ints),
-        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
-        enable_fp_fusion=False,
-    )
+    launch_gemm(_int8_static_gemm_launch,
+                (x, scale, smooth if smooth is not None else w_scale, w, c, w_scale,
+                 bias if bias is not None else w_scale), x, w, c,
+                HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None)
     return c

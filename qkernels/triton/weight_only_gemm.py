@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, check_gemm, even_k, gemm_grid, gemm_int_args, gemm_tile_setup,
-    load_k_tiles, make_launcher, prune_by_m, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, check_gemm, even_k, gemm_tile_setup, launch_gemm, load_k_tiles,
+    make_launcher, prune_by_m, store_scaled,
 )
 
 __all__ = ["weight_only_gemm"]
@@ -66,11 +66,6 @@ def weight_only_gemm(
     c = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return c
-    ints = gemm_int_args(x, w, c)
-    _weight_only_gemm_launch(
-        gemm_grid(m, n), (ints[3], n, k),
-        (x, w, c, w_scale, bias if bias is not None else w_scale, *ints),
-        HAS_BIAS=bias is not None, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        enable_fp_fusion=False,
-    )
+    launch_gemm(_weight_only_gemm_launch, (x, w, c, w_scale, bias if bias is not None else w_scale), x, w, c,
+                HAS_BIAS=bias is not None, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else None)
     return c

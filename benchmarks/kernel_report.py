@@ -47,12 +47,15 @@ def _tiny(dtype: torch.dtype) -> torch.Tensor:
 
 def _gemm_args(kind: str, m: int, n: int, k: int, mb: int):
     bf16, f32, i8, e4 = torch.bfloat16, torch.float32, torch.int8, torch.float8_e4m3fn
+    # int8/fp8 GEMMs: residual, gate and gate-row pointers after the bias, the gate's row stride
+    # after C's strides; EPILOGUE 0 compiles the plain kernel the backends launch.
+    epi = (_tiny(bf16), _tiny(bf16), _tiny(torch.int32))
     if kind == "int8_gemm":
-        t = (_tiny(i8), _tiny(i8), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16))
-        meta = dict(HAS_BIAS=True)
+        t = (_tiny(i8), _tiny(i8), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16), *epi)
+        meta = dict(HAS_BIAS=True, EPILOGUE=0)
     elif kind == "fp8_gemm":
-        t = (_tiny(e4), _tiny(e4), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16))
-        meta = dict(HAS_BIAS=True)
+        t = (_tiny(e4), _tiny(e4), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16), *epi)
+        meta = dict(HAS_BIAS=True, EPILOGUE=0)
     elif kind == "int8_static_gemm":
         t = (_tiny(bf16), _tiny(f32), _tiny(f32), _tiny(i8), _tiny(bf16), _tiny(f32), _tiny(bf16))
         meta = dict(HAS_SMOOTH=False, HAS_BIAS=True)
@@ -61,8 +64,9 @@ def _gemm_args(kind: str, m: int, n: int, k: int, mb: int):
         meta = dict(HAS_BIAS=True, INPUT_PRECISION=None)
     else:
         raise ValueError(kind)
-    # strides of row-major [M, K] activation, [N, K] weight, [M, N] output
-    return t + (m, n, k, mb, k, 1, k, 1, n, 1), meta
+    # strides of row-major [M, K] activation, [N, K] weight, [M, N] output (+ the gate's row stride)
+    tail = (n,) if kind in ("int8_gemm", "fp8_gemm") else ()
+    return t + (m, n, k, mb, k, 1, k, 1, n, 1) + tail, meta
 
 
 GEMMS = {
@@ -93,8 +97,10 @@ def _tma_compile(m: int, n: int, k: int, variant: dict):
     e4, f32, bf16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
     a_desc = TensorDescriptor(_tiny(e4), [m, k], [k, 1], [cfg["BLOCK_M"], cfg["BLOCK_K"]])
     w_desc = TensorDescriptor(_tiny(e4), [n, k], [k, 1], [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-    args = (a_desc, w_desc, _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16), m, n, k, n, 1)
-    compiled = fp8._fp8_gemm_tma_kernel.warmup(*args, grid=(132,), HAS_BIAS=True, NUM_PROGRAMS=132, FLATTEN=flatten,
+    args = (a_desc, w_desc, _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(bf16), _tiny(bf16), _tiny(bf16),
+            _tiny(torch.int32), m, n, k, n, 1, n)
+    compiled = fp8._fp8_gemm_tma_kernel.warmup(*args, grid=(132,), HAS_BIAS=True, EPILOGUE=0, NUM_PROGRAMS=132,
+                                               FLATTEN=flatten,
                                                **cfg, enable_fp_fusion=False)
     return compiled, cfg, flatten
 

@@ -17,13 +17,14 @@ from .errors import (
     RecipeError,
     UnsupportedShapeError,
 )
-from .linear import QuantLinear
+from .linear import QuantizedActivation, QuantLinear
 from .registry import Backend, BackendRow, get_backend, list_backends, register_backend, resolve_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantLinear",
+    "QuantizedActivation",
     "Backend",
     "BackendRow",
     "register_backend",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -9,7 +11,20 @@ from . import formats
 from .errors import CheckpointError, InputError
 from .registry import Backend, get_backend, resolve_backend
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "QuantizedActivation"]
+
+
+class QuantizedActivation(NamedTuple):
+    """An activation already quantized for a W8A8 format, so that one quant pass (or a fused
+    norm + quant kernel) feeds every GEMM that reads the same tensor.
+
+    ``q`` [..., K] int8 or e4m3; ``scale`` [prod(leading dims)] fp32 per-row scales (a static
+    per-tensor scale is the same value in every row); ``dtype`` the activation's own dtype,
+    which the layer's output takes."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Buffers whose dtype is part of the format: `model.to(torch.bfloat16)` moves them but must not
@@ -144,7 +159,9 @@ class QuantLinear(nn.Module):
     # ----------------------------------------------------------------------------------------
     # compute
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        if type(x) is QuantizedActivation:
+            return self.forward_quantized(x)
         if x.device != self.weight.device:
             raise InputError(f"input on {x.device}, layer on {self.weight.device}: move one of them")
         if x.dtype not in _INPUT_DTYPES:
@@ -160,6 +177,32 @@ class QuantLinear(nn.Module):
         y = self._backend.forward(self, x2d)
         if self._loras:
             y = self._add_loras(x2d, y)
+        return y.reshape(*lead, self.out_features)
+
+    def forward_quantized(self, x: QuantizedActivation, *, gelu: bool = False,
+                          residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                          gate_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``y = x @ W.T + b`` for an already-quantized activation, with an optional epilogue:
+        ``gelu=True`` gives ``gelu_tanh(y)``; ``residual`` [M, N] + ``gate`` [G, N] +
+        ``gate_rows`` int32 [M] give ``residual + gate[gate_rows] * y`` (adaLN's gated residual).
+        Fused into the GEMM on the Triton backends; in PyTorch after it elsewhere."""
+        q, scale = x.q, x.scale
+        fmt = formats.get_format(self.format)
+        if not fmt.quantizes_activations or q.dtype != fmt.dtype:
+            raise InputError(f"a {q.dtype} activation cannot feed a {self.format} layer")
+        if self.input_smooth is not None:
+            raise InputError("a smoothed layer divides its input by input_smooth inside its own quant pass: "
+                             "give it the high-precision activation")
+        if self._loras:
+            raise InputError("run-time LoRA branches need the high-precision input: give the layer a plain tensor")
+        if q.shape[-1] != self.in_features or q.device != self.weight.device:
+            raise InputError(f"quantized input {tuple(q.shape)} on {q.device}; layer expects {self.in_features} "
+                             f"features on {self.weight.device}")
+        lead = q.shape[:-1]
+        q2d = q.reshape(-1, self.in_features)
+        if scale.shape != (q2d.shape[0],):
+            raise InputError(f"scale must have one value per row ({q2d.shape[0]}), got {tuple(scale.shape)}")
+        y = self._backend.gemm(self, q2d, scale, x.dtype, gelu, residual, gate, gate_rows)
         return y.reshape(*lead, self.out_features)
 
     # ----------------------------------------------------------------------------------------

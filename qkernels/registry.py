@@ -56,6 +56,23 @@ class Backend:
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def scaled_mm(self, layer, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """fp32 ``(q @ W.T) * s[m] * w_scale[n] (+ bias)`` for an activation already quantized to
+        the layer's format (8-bit ``q`` [M, K], row scales ``s`` [M]). Weight-only and bf16
+        backends take no quantized activation."""
+        raise InputError(f"backend {self.name!r} ({self.format}) does not take a quantized activation")
+
+    def gemm(self, layer, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, gelu: bool = False,
+             residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+             gate_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's GEMM on a quantized activation, with an optional epilogue (GELU-tanh, or
+        ``residual + gate[gate_rows] * y``; ``qkernels.ops.fused.gemm_epilogue_reference``), out in
+        ``out_dtype``. Backends with a fused-epilogue kernel override this; the default runs
+        :meth:`scaled_mm` and the epilogue in PyTorch."""
+        from .ops.fused import gemm_epilogue_reference
+
+        return gemm_epilogue_reference(self.scaled_mm(layer, q, s), out_dtype, gelu, residual, gate, gate_rows)
+
     def __repr__(self) -> str:
         return f"<backend {self.name} ({self.format})>"
 

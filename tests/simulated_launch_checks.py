@@ -83,9 +83,9 @@ def gemm_checks(sim) -> None:
         sa = torch.empty(m, dtype=torch.float32)
         c = torch.empty(m, n, dtype=torch.bfloat16)
         mb = m_bucket(m)
-        args = (a, w, c, sa, ws, bias, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
-                c.stride(0), c.stride(1))
-        meta = dict(HAS_BIAS=True, enable_fp_fusion=False)
+        args = (a, w, c, sa, ws, bias, ws, ws, ws, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+                c.stride(0), c.stride(1), 0)
+        meta = dict(HAS_BIAS=True, EPILOGUE=0, enable_fp_fusion=False)
         grid = gemm_grid(m, n)
         launcher(grid, (mb, n, k), args, **meta)
         launcher(grid, (mb, n, k), args, **meta)

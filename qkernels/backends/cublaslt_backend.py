@@ -44,3 +44,8 @@ class Int8CublasLt(Backend):
             self.prepare(layer)
         q, s = quantize_activation(layer, x, fp8=False)
         return cublaslt.int8_mm_dequant(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+
+    def scaled_mm(self, layer, q, s):
+        if not cublaslt.enabled():
+            self.prepare(layer)
+        return cublaslt.int8_mm_dequant(q, s, layer.weight, layer.weight_scale, layer.bias, torch.float32)

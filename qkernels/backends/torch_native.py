@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import gemms
+from ..ops.fused import scaled_fp32
 from ..capabilities import scaled_mm_rowwise_reason
 from ..registry import Backend, register_backend
 
@@ -51,6 +52,9 @@ class Int8Torch(Backend):
         q, s = quantize_activation(layer, x, fp8=False)
         return ops.int8_mm_dequant(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
 
+    def scaled_mm(self, layer, q, s):
+        return scaled_fp32(ops.int_mm(q, layer.weight), s, layer.weight_scale, layer.bias)
+
 
 @register_backend
 class FP8ScaledMM(Backend):
@@ -78,6 +82,14 @@ class FP8ScaledMM(Backend):
             bias=bias, out_dtype=out_dtype,
         )
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def scaled_mm(self, layer, q, s):
+        # fp32 out where _scaled_mm allows it (CPU); CUDA's rowwise kernel writes bf16 only, which
+        # is the rounding the unfused bf16 layer has anyway.
+        out_dtype = torch.bfloat16 if q.is_cuda else torch.float32
+        bias = layer.bias.to(out_dtype) if layer.bias is not None else None
+        return torch._scaled_mm(q, layer.weight.t(), scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
+                                bias=bias, out_dtype=out_dtype).float()
 
 
 class _WeightOnly(Backend):

@@ -19,12 +19,13 @@ import torch
 
 from .. import ops
 from ..capabilities import fp8_gemm_reason, triton_reason
-from ..ops import gemms
+from ..ops import fused, gemms
 from ..registry import Backend, register_backend
 
 log = logging.getLogger("qkernels")
 
-# op -> name of its launcher in qkernels.triton
+# op -> name of its launcher in qkernels.triton (a fused-epilogue GEMM op shares its plain op's
+# launcher, whose epilogue arguments are optional)
 _CUDA_KERNELS = {
     ops.quantize_per_token: "quantize_per_token",
     ops.quantize_per_tensor: "quantize_per_tensor",
@@ -33,6 +34,11 @@ _CUDA_KERNELS = {
     gemms.fp8_gemm: "fp8_gemm",
     gemms.fp8_gemm_tma: "fp8_gemm_tma",
     gemms.weight_only_gemm: "weight_only_gemm",
+    fused.int8_gemm_fused: "int8_gemm",
+    fused.fp8_gemm_fused: "fp8_gemm",
+    fused.fp8_gemm_tma_fused: "fp8_gemm_tma",
+    fused.layernorm_modulate_quant: "layernorm_modulate_quant",
+    fused.qk_norm_rope: "qk_norm_rope",
 }
 
 
@@ -55,17 +61,22 @@ if importlib.util.find_spec("triton") is not None:
     for _op, _name in _CUDA_KERNELS.items():
         _op.register("cuda", _lazy_cuda_impl(_op, _name))
 
-# The same names as qkernels.triton's launchers, as ops (dispatching to them on CUDA and working
-# under torch.compile(fullgraph=True)).
-_OPS = SimpleNamespace(**{name: op for op, name in _CUDA_KERNELS.items()})
+# The ops by their names (dispatching to the Triton launchers on CUDA and working under
+# torch.compile(fullgraph=True)), and the same names bound straight to the launchers for the CPU
+# interpreter (where the ops would run their PyTorch references).
+_OPS = SimpleNamespace(**{op.name: op for op in _CUDA_KERNELS})
+_INTERPRETED: SimpleNamespace | None = None
 
 
 def _kernels(x: torch.Tensor):
+    global _INTERPRETED
     if x.is_cuda:
         return _OPS
-    from .. import triton as kernels  # CPU: interpreter (the backend is unavailable otherwise)
+    if _INTERPRETED is None:
+        from .. import triton as kernels  # CPU: interpreter (the backend is unavailable otherwise)
 
-    return kernels
+        _INTERPRETED = SimpleNamespace(**{op.name: getattr(kernels, name) for op, name in _CUDA_KERNELS.items()})
+    return _INTERPRETED
 
 
 class _TritonW8A8(Backend):
@@ -107,6 +118,10 @@ class Int8Triton(_TritonW8A8):
         q, s = k.quantize_per_token(x, layer.input_smooth, False)
         return k.int8_gemm(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
 
+    def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+        return _kernels(q).int8_gemm_fused(q, s, layer.weight, layer.weight_scale, layer.bias, out_dtype, gelu,
+                                           residual, gate, gate_rows)
+
 
 @register_backend
 class FP8Triton(_TritonW8A8):
@@ -134,3 +149,9 @@ class FP8Triton(_TritonW8A8):
         if self.TMA_MIN_M is not None and x.shape[0] >= self.TMA_MIN_M and x.shape[1] % 16 == 0:
             return k.fp8_gemm_tma(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return k.fp8_gemm(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+
+    def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+        k = _kernels(q)
+        op = (k.fp8_gemm_tma_fused if self.TMA_MIN_M is not None and q.shape[0] >= self.TMA_MIN_M
+              and q.shape[1] % 16 == 0 else k.fp8_gemm_fused)
+        return op(q, s, layer.weight, layer.weight_scale, layer.bias, out_dtype, gelu, residual, gate, gate_rows)

@@ -217,6 +217,20 @@ def round_fp32_to_bf16_grid(y):
 
 
 @triton.jit
+def round_to_dtype(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype``'s grid (bf16 / fp16; fp32 unchanged), kept in fp32. The
+    interpreter's fp32 -> bf16 cast truncates, so it rounds by bits there."""
+    if dtype == tl.bfloat16:
+        if INTERPRET_C:
+            v = round_fp32_to_bf16_grid(v)
+        else:
+            v = v.to(tl.bfloat16).to(tl.float32)
+    if dtype == tl.float16:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
 def store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
                  HAS_BIAS: tl.constexpr):
     """``y * w_scale[n] (+ bias)`` in fp32, cast to C's dtype, masked store. ``y`` already holds
@@ -232,36 +246,107 @@ def store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_c
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
 
 
+# Epilogues after the scale (``EPILOGUE``): the elementwise work a DiT block does right after its
+# Linears, done on the fp32 tile before the one rounding to C's dtype.
+EPI_NONE, EPI_GELU_TANH, EPI_GATED_RESIDUAL = 0, 1, 2
+
+
+@triton.jit
+def store_epilogue(c_ptr, y, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr, offs_m, offs_n, M, N,
+                   stride_cm, stride_cn, stride_gm, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
+    """:func:`store_scaled` plus an epilogue on the fp32 value ``v = y * w_scale (+ bias)``:
+    ``EPI_GELU_TANH``: ``gelu_tanh(v) = v * sigmoid(2u)``, ``u = sqrt(2/pi) (v + 0.044715 v^3)``
+    (``0.5 (1 + tanh u) = sigmoid(2u)``: no tanh, which the interpreter lacks);
+    ``EPI_GATED_RESIDUAL``: ``residual[m, n] + gate[gate_rows[m], n] * v`` (adaLN's gated
+    residual; ``residual`` has C's strides, ``gate`` rows are ``stride_gm`` apart)."""
+    n_mask = offs_n < N
+    mask = (offs_m[:, None] < M) & n_mask[None, :]
+    ws = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = y * ws[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    # The unfused block rounds the Linear's output, then each elementwise op, to C's dtype: so
+    # does this, so that fused and unfused blocks compute the same numbers.
+    if EPILOGUE == 1:
+        y = round_to_dtype(y, c_ptr.dtype.element_ty)
+        u = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+        y = y / (1.0 + tl.exp(-2.0 * u))
+    if EPILOGUE == 2:
+        y = round_to_dtype(y, c_ptr.dtype.element_ty)
+        m_safe = offs_m % M
+        g_row = tl.load(grow_ptr + m_safe)
+        g = tl.load(gate_ptr + g_row[:, None].to(tl.int64) * stride_gm + offs_n[None, :], mask=mask, other=0.0)
+        r = tl.load(res_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, mask=mask, other=0.0)
+        y = r.to(tl.float32) + round_to_dtype(g.to(tl.float32) * y, c_ptr.dtype.element_ty)
+    if INTERPRET_C and c_ptr.dtype.element_ty == tl.bfloat16:
+        y = round_fp32_to_bf16_grid(y)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 def gemm_grid(m: int, n: int):
     return lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
 
-def launch_gemm(launch, pointers: tuple, a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, **meta) -> None:
-    """Launch a GEMM kernel whose arguments are ``pointers`` then ``M, N, K, M_BUCKET`` and the
-    strides of A [M, K], W [N, K] and C [M, N] (the signature every GEMM kernel here shares), on
-    the grid and autotune key of that shape. fp32 epilogues without FMA contraction:
+def launch_gemm(launch, pointers: tuple, a: torch.Tensor, w: torch.Tensor, c: torch.Tensor, tail: tuple = (),
+                **meta) -> None:
+    """Launch a GEMM kernel whose arguments are ``pointers`` then ``M, N, K, M_BUCKET``, the
+    strides of A [M, K], W [N, K] and C [M, N] (the signature every GEMM kernel here shares) and
+    ``tail``, on the grid and autotune key of that shape. fp32 epilogues without FMA contraction:
     (acc * a_s) * w_s + bias as separate roundings, like torch."""
     m, k = a.shape
     n = w.shape[0]
     mb = m_bucket(m)
     launch(gemm_grid(m, n), (mb, n, k),
-           (*pointers, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1)),
+           (*pointers, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+            *tail),
            **meta, enable_fp_fusion=False)
 
 
+def check_epilogue(m: int, n: int, gelu: bool, residual: torch.Tensor | None, gate: torch.Tensor | None,
+                   gate_rows: torch.Tensor | None, out_dtype: torch.dtype) -> int:
+    """The ``EPILOGUE`` code for these arguments, after checking them (see :func:`store_epilogue`)."""
+    if residual is None:
+        if gate is not None or gate_rows is not None:
+            raise InputError("gate / gate_rows are given without a residual")
+        return EPI_GELU_TANH if gelu else EPI_NONE
+    if gelu:
+        raise InputError("one epilogue at a time: gelu or a gated residual, not both")
+    if gate is None or gate_rows is None:
+        raise InputError("a gated residual needs residual, gate and gate_rows")
+    if residual.shape != (m, n) or residual.dtype != out_dtype or not residual.is_contiguous():
+        raise InputError(f"residual must be a contiguous [{m}, {n}] {out_dtype} tensor, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if gate.dim() != 2 or gate.shape[1] != n or gate.stride(1) != 1:
+        raise InputError(f"gate must be [G, {n}] with unit column stride, got {tuple(gate.shape)}")
+    if gate_rows.shape != (m,) or gate_rows.dtype != torch.int32:
+        raise InputError(f"gate_rows must be int32 [{m}], got {gate_rows.dtype} {tuple(gate_rows.shape)}")
+    check_device(residual, gate, gate_rows)
+    return EPI_GATED_RESIDUAL
+
+
 def scaled_gemm(launch, a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, out_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+                bias: torch.Tensor | None, out_dtype: torch.dtype, dtype: torch.dtype, gelu: bool = False,
+                residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                gate_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Check and launch a rowwise-scaled 8-bit GEMM kernel (``a`` and ``w`` both ``dtype``):
-    ``(a @ w.T) * a_scale[M] * w_scale[N] (+ bias)``, out in ``out_dtype``."""
+    ``(a @ w.T) * a_scale[M] * w_scale[N] (+ bias)``, then the optional epilogue (GELU-tanh, or
+    ``residual + gate[gate_rows] * y``), out in ``out_dtype``."""
     m, n, k = check_gemm(a, w, w_scale, bias, (dtype,), (dtype,))
     check_vector("a_scale", a_scale, m)
     check_out_dtype(out_dtype)
+    epilogue = check_epilogue(m, n, gelu, residual, gate, gate_rows, out_dtype)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return c
-    launch_gemm(launch, (a, w, c, a_scale, w_scale, bias if bias is not None else w_scale), a, w, c,
-                HAS_BIAS=bias is not None)
+    launch_gemm(launch, (a, w, c, a_scale, w_scale, *_epilogue_pointers(bias, residual, gate, gate_rows, w_scale)),
+                a, w, c, (gate.stride(0) if gate is not None else 0,), HAS_BIAS=bias is not None, EPILOGUE=epilogue)
     return c
+
+
+def _epilogue_pointers(bias, residual, gate, gate_rows, dummy):
+    """bias, residual, gate, gate_rows pointers; an unused one points at ``dummy`` (never read)."""
+    return tuple(t if t is not None else dummy for t in (bias, residual, gate, gate_rows))
 
 
 def check_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

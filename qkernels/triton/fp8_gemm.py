@@ -24,8 +24,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..errors import UnsupportedShapeError
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, INTERPRET, cdiv, check_gemm, check_out_dtype, check_vector, even_k, gemm_tile_setup,
-    grouped_tile, load_k_tiles, make_launcher, prune_by_m, scaled_gemm, store_scaled,
+    AUTOTUNE_KEY, CONFIGS_8BIT, INTERPRET, _epilogue_pointers, cdiv, check_epilogue, check_gemm, check_out_dtype,
+    check_vector, even_k, gemm_tile_setup, grouped_tile, load_k_tiles, make_launcher, prune_by_m, scaled_gemm,
+    store_epilogue,
 )
 
 __all__ = ["fp8_gemm", "fp8_gemm_tma"]
@@ -35,10 +36,10 @@ __all__ = ["fp8_gemm", "fp8_gemm_tma"]
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _fp8_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr,
     M, N, K, M_BUCKET,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn, stride_gm,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n, rm, rk, a_ptrs, w_ptrs = gemm_tile_setup(
@@ -51,7 +52,8 @@ def _fp8_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
     a_scale = tl.load(a_scale_ptr + rm)
     y = acc * a_scale[:, None]
-    store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
+    store_epilogue(c_ptr, y, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr, offs_m, offs_n, M, N,
+                   stride_cm, stride_cn, stride_gm, HAS_BIAS, EPILOGUE)
 
 
 _fp8_gemm_launch = make_launcher(_fp8_gemm_kernel)
@@ -64,10 +66,16 @@ def fp8_gemm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    gate_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a [M, K] e4m3 @ w [N, K] e4m3 .T) * a_scale[M] * w_scale[N] (+ bias)`` in fp32, out in
-    ``out_dtype`` (any of bf16/fp16/fp32, unlike rowwise torch._scaled_mm's bf16 only)."""
-    return scaled_gemm(_fp8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.float8_e4m3fn)
+    ``out_dtype`` (any of bf16/fp16/fp32, unlike rowwise torch._scaled_mm's bf16 only), with the
+    optional epilogue of ``qkernels.ops.fused.gemm_epilogue_reference``."""
+    return scaled_gemm(_fp8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.float8_e4m3fn,
+                       gelu, residual, gate, gate_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,9 +93,9 @@ TMA_MIN_K = 16  # a TMA row stride must be a multiple of 16 bytes: K % 16 == 0 f
 
 @triton.jit
 def _fp8_gemm_tma_kernel(
-    a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+    a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr,
+    M, N, K, stride_cm, stride_cn, stride_gm,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -105,8 +113,8 @@ def _fp8_gemm_tma_kernel(
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-        store_scaled(c_ptr, acc * a_scale[:, None], w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                     stride_cm, stride_cn, HAS_BIAS)
+        store_epilogue(c_ptr, acc * a_scale[:, None], w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr,
+                       offs_m, offs_n, M, N, stride_cm, stride_cn, stride_gm, HAS_BIAS, EPILOGUE)
 
 
 _fp8_gemm_tma_launch = make_launcher(_fp8_gemm_tma_kernel)
@@ -124,6 +132,10 @@ def fp8_gemm_tma(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    gate_rows: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
     """The same product as :func:`fp8_gemm`, by the persistent TMA kernel (Hopper, or the
@@ -135,6 +147,7 @@ def fp8_gemm_tma(
     if k % TMA_MIN_K or a.stride(1) != 1 or w.stride(1) != 1:
         raise UnsupportedShapeError(f"the TMA GEMM needs K % {TMA_MIN_K} == 0 and K-contiguous operands "
                                     f"(got K={k}, strides {a.stride()} and {w.stride()})")
+    epilogue = check_epilogue(m, n, gelu, residual, gate, gate_rows, out_dtype)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return c
@@ -147,9 +160,9 @@ def fp8_gemm_tma(
     programs = min(tiles, 4 if INTERPRET else _programs(a.device.index or 0))
     _fp8_gemm_tma_launch(
         (programs,), (),
-        (a_desc, w_desc, c, a_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
-         c.stride(0), c.stride(1)),
-        HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, FLATTEN=flatten, **cfg,
+        (a_desc, w_desc, c, a_scale, w_scale, *_epilogue_pointers(bias, residual, gate, gate_rows, w_scale), m, n, k,
+         c.stride(0), c.stride(1), gate.stride(0) if gate is not None else 0),
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue, NUM_PROGRAMS=programs, FLATTEN=flatten, **cfg,
         enable_fp_fusion=False,
     )
     return c

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import (
     AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_vector, even_k, gemm_tile_setup, launch_gemm,
-    load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_scaled,
+    load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_epilogue, store_scaled,
 )
 
 __all__ = ["int8_gemm", "int8_static_gemm"]
@@ -41,10 +41,10 @@ __all__ = ["int8_gemm", "int8_static_gemm"]
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _int8_gemm_kernel(
-    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr,
     M, N, K, M_BUCKET,
-    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn, stride_gm,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n, rm, rk, a_ptrs, w_ptrs = gemm_tile_setup(
@@ -58,7 +58,8 @@ def _int8_gemm_kernel(
     a_scale = tl.load(a_scale_ptr + rm)
     # int32 -> fp32 first: scaling in bf16 would lose the accumulator's precision.
     y = acc.to(tl.float32) * a_scale[:, None]
-    store_scaled(c_ptr, y, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
+    store_epilogue(c_ptr, y, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, grow_ptr, offs_m, offs_n, M, N,
+                   stride_cm, stride_cn, stride_gm, HAS_BIAS, EPILOGUE)
 
 
 @triton.autotune(configs=CONFIGS_16BIT_A, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
@@ -103,10 +104,17 @@ def int8_gemm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    gate_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a [M, K] int8 @ w [N, K] int8 .T) * a_scale[M] * w_scale[N] (+ bias [N])`` in fp32, out
-    in ``out_dtype``. Same signature and epilogue order as ``qkernels.ops.int8_mm_dequant``."""
-    return scaled_gemm(_int8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.int8)
+    in ``out_dtype``. Same signature and epilogue order as ``qkernels.ops.int8_mm_dequant``; the
+    optional epilogue (GELU-tanh, or ``residual + gate[gate_rows] * y``) is
+    ``qkernels.ops.fused.gemm_epilogue_reference``'s."""
+    return scaled_gemm(_int8_gemm_launch, a, a_scale, w, w_scale, bias, out_dtype, torch.int8,
+                       gelu, residual, gate, gate_rows)
 
 
 def int8_static_gemm(

@@ -1,0 +1,258 @@
+"""Fused elementwise kernels of a DiT block: LayerNorm + adaLN modulate + per-token quant, and
+q/k RMSNorm + RoPE written straight into the joint attention layout.
+
+Both reproduce the unfused bf16 computation's roundings (``ROUND``: the activation dtype's grid
+after each op that rounds in eager PyTorch), so a fused block computes the same numbers as the
+unfused one up to the order of a few fp32 reductions: what differs is the memory traffic.
+
+``layernorm_modulate_quant``: one read of x [M, K] (2 bytes/element) and one write of the 8-bit
+activation (1 byte) + 4 bytes of scale per row, where the unfused path reads and writes a bf16
+[M, K] five times (LayerNorm, 1 + scale, *, +, then the quant kernel's read). At M = 8,400,
+K = 3072: 77 MB moved, 18 us at the H200's ~4.3 TB/s copy rate.
+
+``qk_norm_rope``: reads the q/k/v GEMM outputs of both streams once and writes q, k, v as
+[B, S_txt + S_img, H, D] (the text tokens first, as Qwen-Image concatenates them): no unflatten,
+no RMSNorm temporaries, no complex-number RoPE in fp32 and no torch.cat.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import InputError
+from ._common import (
+    INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, make_launcher, next_power_of_2, rint_clamp_int8,
+    round_fp32_to_bf16_grid, round_to_dtype, soft_e4m3_bits,
+)
+
+__all__ = ["layernorm_modulate_quant", "qk_norm_rope"]
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _round(v, ROUND: tl.constexpr):
+    """``v`` (fp32) rounded to the activation dtype's grid, kept in fp32: 0 fp32 (no rounding),
+    1 bf16, 2 fp16."""
+    if ROUND == 1:
+        v = round_to_dtype(v, tl.bfloat16)
+    if ROUND == 2:
+        v = round_to_dtype(v, tl.float16)
+    return v
+
+
+_ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm (no affine) -> x * (1 + scale[g]) + shift[g] -> per-token 8-bit quantization
+
+
+@triton.jit
+def _layernorm_modulate_quant_kernel(
+    x_ptr, shift_ptr, scale_ptr, grow_ptr, q_ptr, s_ptr,
+    M, K, stride_xm, stride_mod, stride_qm, eps,
+    QMAX: tl.constexpr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=cmask, other=0.0).to(tl.float32)
+    # torch's LayerNorm: fp32 mean and biased variance, (x - mean) * rsqrt(var + eps), one rounding.
+    mean = tl.sum(x, axis=0) / K
+    d = tl.where(cmask, x - mean, 0.0)
+    var = tl.sum(d * d, axis=0) / K
+    y = _round(d * (1.0 / tl.sqrt(var + eps)), ROUND)
+    g = tl.load(grow_ptr + row).to(tl.int64)
+    sc = tl.load(scale_ptr + g * stride_mod + cols, mask=cmask, other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + g * stride_mod + cols, mask=cmask, other=0.0).to(tl.float32)
+    # Qwen-Image's _modulate: x * (1 + scale) + shift, each op rounded in the activation dtype.
+    y = _round(_round(y * _round(1.0 + sc, ROUND), ROUND) + sh, ROUND)
+    # Per-token quantization, the arithmetic of quant.py (IEEE divisions; NaN amax propagates).
+    amax = tl.max(tl.abs(y), axis=0) + tl.sum(tl.where(y != y, y, 0.0), axis=0)
+    scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, QMAX))
+    q = tl.math.div_rn(y, scale)
+    q_ptrs = q_ptr + row * stride_qm + cols
+    if FP8:
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        if SOFT_FP8:
+            tl.store(q_ptrs, soft_e4m3_bits(q), mask=cmask)
+        else:
+            tl.store(q_ptrs, q.to(tl.float8e4nv), mask=cmask)
+    else:
+        tl.store(q_ptrs, rint_clamp_int8(q), mask=cmask)
+    tl.store(s_ptr + row, scale)
+
+
+_launch_lmq = make_launcher(_layernorm_modulate_quant_kernel)
+
+
+def _check_rows(name: str, t: torch.Tensor, k: int) -> None:
+    if t.dim() != 2 or t.shape[1] != k or t.stride(1) != 1:
+        raise InputError(f"{name} must be [G, {k}] with unit column stride, got {tuple(t.shape)} {t.stride()}")
+
+
+def layernorm_modulate_quant(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate_rows: torch.Tensor, eps: float, fp8: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_per_token(LayerNorm(x) * (1 + scale[gate_rows]) + shift[gate_rows])`` in one
+    pass: x [M, K] (bf16/fp16/fp32, unit column stride), shift/scale [G, K] (rows of the
+    modulation output, any row stride: views into it), gate_rows int32 [M] (each token's
+    modulation row). Returns ``(q [M, K] e4m3/int8, scale [M] fp32)``; same results as
+    ``qkernels.ops.fused``'s reference."""
+    check_2d("x", x)
+    m, k = x.shape
+    if x.dtype not in _ACT_DTYPES or x.stride(1) != 1:
+        raise InputError(f"x must be bf16/fp16/fp32 with unit column stride, got {x.dtype} {x.stride()}")
+    _check_rows("shift", shift, k)
+    _check_rows("scale", scale, k)
+    if shift.stride(0) != scale.stride(0):
+        raise InputError("shift and scale must have the same row stride (views of one modulation tensor)")
+    if gate_rows.shape != (m,) or gate_rows.dtype != torch.int32:
+        raise InputError(f"gate_rows must be int32 [{m}], got {gate_rows.dtype} {tuple(gate_rows.shape)}")
+    check_device(x, shift, scale, gate_rows)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s
+    block_k = next_power_of_2(k)
+    if block_k > 16384:
+        raise InputError(f"layernorm_modulate_quant holds a row in registers: K <= 16384, got {k}")
+    q_arg = q.view(torch.uint8) if (fp8 and INTERPRET) else q
+    _launch_lmq(
+        (m,), (),
+        (x, shift, scale, gate_rows, q_arg, s, m, k, x.stride(0), shift.stride(0), q.stride(0), float(eps)),
+        QMAX=448.0 if fp8 else 127.0, FP8=fp8, SOFT_FP8=fp8 and INTERPRET, ROUND=_ROUND_CODE[x.dtype],
+        BLOCK_K=block_k, num_warps=1 if INTERPRET else min(16, max(4, block_k // 256)), enable_fp_fusion=False,
+    )
+    return q, s
+
+
+# --------------------------------------------------------------------------------------------
+# q/k RMSNorm + RoPE for the joint [text, image] sequence
+
+
+@triton.jit
+def _rms_rope(x_ptr, w_ptr, cs_ptr, out_ptr, heads, eps, D: tl.constexpr, HB: tl.constexpr, ROUND: tl.constexpr,
+              HAS_NORM: tl.constexpr):
+    """HB heads of one token: RMSNorm over D (fp32, rounded, then * weight, rounded: diffusers'
+    RMSNorm in the activation dtype), then the rotation of each (even, odd) pair by (cos, sin)
+    in fp32 and one rounding at the store: diffusers' complex RoPE."""
+    h = tl.arange(0, HB)
+    i = tl.arange(0, D // 2)
+    hmask = h < heads
+    offs = h[:, None] * D + 2 * i[None, :]
+    e = tl.load(x_ptr + offs, mask=hmask[:, None], other=0.0).to(tl.float32)
+    o = tl.load(x_ptr + offs + 1, mask=hmask[:, None], other=0.0).to(tl.float32)
+    if HAS_NORM:
+        ms = (tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)) / D
+        r = 1.0 / tl.sqrt(ms + eps)
+        we = tl.load(w_ptr + 2 * i).to(tl.float32)
+        wo = tl.load(w_ptr + 2 * i + 1).to(tl.float32)
+        e = _round(_round(e * r[:, None], ROUND) * we[None, :], ROUND)
+        o = _round(_round(o * r[:, None], ROUND) * wo[None, :], ROUND)
+    c = tl.load(cs_ptr + 2 * i)[None, :]
+    s = tl.load(cs_ptr + 2 * i + 1)[None, :]
+    re = e * c - o * s
+    im = e * s + o * c
+    if INTERPRET_C and out_ptr.dtype.element_ty == tl.bfloat16:
+        re = round_fp32_to_bf16_grid(re)
+        im = round_fp32_to_bf16_grid(im)
+    tl.store(out_ptr + offs, re.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    tl.store(out_ptr + offs + 1, im.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+@triton.jit
+def _copy_heads(x_ptr, out_ptr, heads, D: tl.constexpr, HB: tl.constexpr):
+    h = tl.arange(0, HB)
+    d = tl.arange(0, D)
+    offs = h[:, None] * D + d[None, :]
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=(h < heads)[:, None]), mask=(h < heads)[:, None])
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    txt_ptr, img_ptr, wq_t, wk_t, wq_i, wk_i, cs_t, cs_i, q_ptr, k_ptr, v_ptr,
+    L_TXT, L_IMG, heads, stride_t, stride_i, eps,
+    D: tl.constexpr, HB: tl.constexpr, ROUND: tl.constexpr, HAS_NORM: tl.constexpr,
+):
+    row = tl.program_id(0)  # a row of the joint [B, L_TXT + L_IMG] sequence
+    s_tot = L_TXT + L_IMG
+    b = row // s_tot
+    s = row % s_tot
+    hd = heads * D
+    out = row.to(tl.int64) * hd
+    if s < L_TXT:
+        src = txt_ptr + (b * L_TXT + s).to(tl.int64) * stride_t
+        cs = cs_t + s * D
+        wq = wq_t
+        wk = wk_t
+    else:
+        src = img_ptr + (b * L_IMG + s - L_TXT).to(tl.int64) * stride_i
+        cs = cs_i + (s - L_TXT) * D
+        wq = wq_i
+        wk = wk_i
+    _rms_rope(src, wq, cs, q_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
+    _rms_rope(src + hd, wk, cs, k_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
+    _copy_heads(src + 2 * hd, v_ptr + out, heads, D, HB)
+
+
+_launch_qk = make_launcher(_qk_norm_rope_kernel)
+
+
+def qk_norm_rope(
+    qkv_txt: torch.Tensor, qkv_img: torch.Tensor, batch: int, heads: int,
+    norm_txt_q: torch.Tensor | None, norm_txt_k: torch.Tensor | None,
+    norm_img_q: torch.Tensor | None, norm_img_k: torch.Tensor | None,
+    rope_txt: torch.Tensor, rope_img: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, L_txt + L_img, H, D] of the joint sequence from each stream's fused QKV output
+    ``qkv_* [B * L, 3 * H * D]`` (q | k | v, each H heads of D): q and k RMS-normed with the
+    stream's q and k weights (all ``None``: no norm) and rotated by ``rope_* [L, D/2, 2]`` fp32
+    (cos, sin) — ``torch.view_as_real`` of diffusers' complex frequencies."""
+    norms = (norm_txt_q, norm_txt_k, norm_img_q, norm_img_k)
+    norm_txt = None if norm_txt_q is None else (norm_txt_q, norm_txt_k)
+    norm_img = None if norm_img_q is None else (norm_img_q, norm_img_k)
+    if any(w is None for w in norms) and not all(w is None for w in norms):
+        raise InputError("give all four RMSNorm weights, or none")
+    for name, t in (("qkv_txt", qkv_txt), ("qkv_img", qkv_img)):
+        check_2d(name, t)
+        if t.dtype not in _ACT_DTYPES or t.stride(1) != 1:
+            raise InputError(f"{name} must be bf16/fp16/fp32 with unit column stride")
+    hd3 = qkv_img.shape[1]
+    if hd3 % (3 * heads) or qkv_txt.shape[1] != hd3 or qkv_txt.dtype != qkv_img.dtype:
+        raise InputError(f"qkv outputs must both be [*, 3 * {heads} * D] of one dtype, got "
+                         f"{tuple(qkv_txt.shape)} and {tuple(qkv_img.shape)}")
+    d = hd3 // (3 * heads)
+    if d % 2 or d & (d - 1):
+        raise InputError(f"head dim must be an even power of two, got {d}")
+    if qkv_txt.shape[0] % batch or qkv_img.shape[0] % batch:
+        raise InputError(f"token counts {qkv_txt.shape[0]}, {qkv_img.shape[0]} are not multiples of batch {batch}")
+    l_txt, l_img = qkv_txt.shape[0] // batch, qkv_img.shape[0] // batch
+    for name, cs, ln in (("rope_txt", rope_txt, l_txt), ("rope_img", rope_img, l_img)):
+        if cs.shape != (ln, d // 2, 2) or cs.dtype != torch.float32 or not cs.is_contiguous():
+            raise InputError(f"{name} must be contiguous fp32 [{ln}, {d // 2}, 2], got {cs.dtype} {tuple(cs.shape)}")
+    weights = []
+    for pair in (norm_txt, norm_img):
+        for w in (pair or (rope_txt, rope_txt)):
+            if pair is not None and (w.shape != (d,) or not w.is_contiguous()):
+                raise InputError(f"RMSNorm weights must be contiguous [{d}], got {tuple(w.shape)}")
+            weights.append(w)
+    check_device(qkv_txt, qkv_img, rope_txt, rope_img, *weights)
+    shape = (batch, l_txt + l_img, heads, d)
+    q, k, v = (torch.empty(shape, dtype=qkv_img.dtype, device=qkv_img.device) for _ in range(3))
+    rows = batch * (l_txt + l_img)
+    if rows == 0:
+        return q, k, v
+    hb = next_power_of_2(heads)
+    _launch_qk(
+        (rows,), (),
+        (qkv_txt, qkv_img, *weights, rope_txt, rope_img, q, k, v, l_txt, l_img, heads,
+         qkv_txt.stride(0), qkv_img.stride(0), float(eps)),
+        D=d, HB=hb, ROUND=_ROUND_CODE[qkv_img.dtype], HAS_NORM=norm_txt is not None,
+        num_warps=1 if INTERPRET else 4, enable_fp_fusion=False,
+    )
+    return q, k, v

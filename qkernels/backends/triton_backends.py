@@ -68,6 +68,12 @@ _OPS = SimpleNamespace(**{op.name: op for op in _CUDA_KERNELS})
 _INTERPRETED: SimpleNamespace | None = None
 
 
+def kernels_for(x: torch.Tensor) -> SimpleNamespace:
+    """The Triton backends' kernels by op name for ``x``'s device: the ops on CUDA, the
+    interpreted launchers on CPU (TRITON_INTERPRET=1)."""
+    return _kernels(x)
+
+
 def _kernels(x: torch.Tensor):
     global _INTERPRETED
     if x.is_cuda:

@@ -438,13 +438,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", backend: str = "auto", *,
-                   verify: bool = True, skeleton=None) -> nn.Module:
+                   verify: bool = True, skeleton=None, fuse: bool | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` onto ``device``.
 
     ``backend``: ``auto`` or any backend of the saved format (layers of another format use
     ``auto``). ``verify``: check each shard's sha256 (reads every byte once more; sizes and the
     safetensors headers are always checked). ``skeleton``: a callable returning the model, for a
-    plain ``nn.Module`` whose class cannot be built without arguments.
+    plain ``nn.Module`` whose class cannot be built without arguments. ``fuse``: rewire the blocks
+    to the fused kernels (``qpipeline.blocks``; default: as the checkpoint's recipe says);
+    ``model.fuse_report`` then says which blocks were fused.
 
     The model comes back in eval mode; ``model.load_seconds`` holds the time taken.
     """
@@ -553,6 +555,10 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
         if isinstance(m, QuantLinear):
             m.set_backend(backend if backend != "auto" and get_backend(backend).format == m.format else "auto")
     model.eval().requires_grad_(False)
+    if fuse if fuse is not None else bool((config.get("recipe") or {}).get("fuse")):
+        from .blocks import fuse_model
+
+        model.fuse_report = fuse_model(model)
     model.load_seconds = time.perf_counter() - t0
     log.info("loaded %s from %s in %.2f s", type(model).__name__, ckpt, model.load_seconds)
     return model

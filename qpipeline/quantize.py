@@ -66,6 +66,7 @@ class QuantReport:
     model_bytes_after: int = 0
     model_error: float | None = None  # error budget only: the model's output error vs high precision
     error_budget: float | None = None  # the recipe's max_error it was held to
+    fuse: dict | None = None  # recipe.fuse: which blocks were fused, and why others were not (FuseReport)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -115,6 +116,7 @@ class QuantReport:
                 "error_budget": self.error_budget,
             },
             "layers": [asdict(l) for l in self.layers],
+            **({"fuse": self.fuse} if self.fuse is not None else {}),
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -129,7 +131,7 @@ class QuantReport:
         return cls(layers=[LayerReport(**l) for l in d.get("layers", [])], recipe=d.get("recipe"),
                    device=d.get("device", "cpu"), seconds=t.get("seconds", 0.0),
                    model_bytes_before=t.get("bytes_before", 0), model_bytes_after=t.get("bytes_after", 0),
-                   model_error=t.get("model_error"), error_budget=t.get("error_budget"))
+                   model_error=t.get("model_error"), error_budget=t.get("error_budget"), fuse=d.get("fuse"))
 
     def totals_line(self) -> str:
         err = ("n/a" if self.max_error is None
@@ -159,7 +161,12 @@ class QuantReport:
         def fmt(r):
             return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
-        return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows), "", self.totals_line()])
+        lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows), "", self.totals_line()]
+        if self.fuse is not None:
+            from .blocks import FuseReport
+
+            lines.append(FuseReport(self.fuse["fused"], [tuple(k) for k in self.fuse["kept"]]).format())
+        return "\n".join(lines)
 
 
 def _mb(n: int) -> str:
@@ -292,7 +299,7 @@ def _move_non_linear(model: nn.Module, device: torch.device) -> None:
 
 
 def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "generic", calibration=None,
-                   device: torch.device | str | None = None, *, inputs=None) -> QuantReport:
+                   device: torch.device | str | None = None, *, inputs=None, fuse: bool | None = None) -> QuantReport:
     """Replace ``model``'s ``nn.Linear`` layers by ``QuantLinear`` in place, one at a time.
 
     ``recipe_or_backend_name``: a :class:`Recipe`, a built-in recipe name (``generic``,
@@ -310,9 +317,15 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     high-precision model, on ``inputs``: a list of kwargs dicts / arg tuples / tensors; generated
     for a Qwen-Image transformer when omitted). The layers whose quantization costs most are kept
     in high precision until the output is within the budget; see :mod:`qpipeline.sensitivity`.
+
+    ``fuse`` (default: the recipe's ``fuse``): afterwards rewire the blocks an adapter knows to
+    the fused kernels (:func:`qpipeline.blocks.fuse_model`); ``report.fuse`` says which were
+    fused and why the others were not.
     """
     t0 = time.perf_counter()
     recipe = as_recipe(recipe_or_backend_name)
+    if fuse is not None:
+        recipe = recipe.replace(fuse=bool(fuse))
     if recipe.activation == "static" and calibration is None:
         raise RecipeError("activation 'static' needs calibration statistics (calibration=..., or --calibration); "
                           "use activation 'dynamic' without them")
@@ -360,6 +373,10 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
         if i not in used_rules:
             warnings.warn(f"recipe rule {i} ({pattern!r} -> {backend}) matched no Linear layer", stacklevel=2)
     report.model_bytes_after = model_bytes(model)
+    if recipe.fuse:
+        from .blocks import fuse_model
+
+        report.fuse = fuse_model(model).to_dict()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -397,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=float, help="error budget: keep the most sensitive layers in high precision "
                    "until the model's output is within this relative error of the unquantized model's (e.g. 0.02), "
                    "measured on generated inputs (Qwen-Image models)")
+    p.add_argument("--fuse", action="store_true", help="record in the checkpoint that its blocks run fused "
+                   "(norm + modulate + quant, q|k|v as one GEMM, epilogues; qpipeline.blocks): load_quantized "
+                   "then fuses them, and the report says which blocks can be")
     p.add_argument("--out", default="out/quantized", help="output folder (default out/quantized)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--report", help="also write the per-layer report as JSON here")
@@ -458,6 +478,8 @@ def _run(argv) -> int:
         changes["activation"] = args.activation
     if args.max_error is not None:
         changes["max_error"] = args.max_error
+    if args.fuse:
+        changes["fuse"] = True
     recipe = recipe.replace(**changes)  # validates
     resolve_backend(recipe.backend, device, format=recipe.format)  # can it run here at all?
 

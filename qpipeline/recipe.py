@@ -54,6 +54,9 @@ class Recipe:
     smoothquant_alpha: float | None = None  # used only when calibration statistics are given
     min_features: int = 16
     max_error: float | None = None  # error budget on the model's output (relative, vs high precision); qpipeline.sensitivity
+    # after quantizing (and when loading the checkpoint), rewire blocks to the fused kernels
+    # (qpipeline.blocks); a block that cannot be fused stays as it is, with the reason reported
+    fuse: bool = False
     name: str | None = None
     version: int = RECIPE_VERSION
 
@@ -98,6 +101,8 @@ class Recipe:
             self.smoothquant_alpha = float(a)
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
             raise RecipeError(f"min_features must be a non-negative integer, got {self.min_features!r}")
+        if not isinstance(self.fuse, bool):
+            raise RecipeError(f"fuse must be true or false, got {self.fuse!r}")
         if self.max_error is not None:
             e = self.max_error
             if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:

@@ -1,0 +1,391 @@
+"""Fused block kernels and the fused Qwen-Image block.
+
+CPU: the Triton kernels run under TRITON_INTERPRET=1 (conftest) on small shapes; on a GPU the same
+tests run the compiled kernels (the ``gpu`` ones at Qwen-Image's widths).
+
+The fused kernels reproduce the unfused bf16 block's roundings (``qkernels.ops.fused``), so the
+comparisons are bit-exact where the arithmetic is the same: kernel == reference on CPU, and the
+reference == diffusers' own composition. On CUDA the LayerNorm / RMSNorm reductions run in another
+order and ``1/sqrt`` is approximate, so a value can land one grid step of its dtype away: the GPU
+bounds allow that (one bf16 ulp before the quantization, i.e. a quantized value off by one step in
+a few entries, never more).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("diffusers")
+
+import qkernels.triton as kt  # noqa: E402
+from qkernels import QuantLinear, QuantizedActivation, formats  # noqa: E402
+from qkernels.errors import InputError  # noqa: E402
+from qkernels.ops import fused as fo  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+FMTS = ["w8a8-int8", "w8a8-fp8"]
+
+
+def _exact_or_one_step(a: torch.Tensor, b: torch.Tensor, frac: float = 1e-3, exact: bool = True) -> None:
+    """Equal on CPU (``exact``); on CUDA at most one grid step apart in at most ``frac`` of the
+    entries."""
+    if exact and not a.is_cuda:
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                           b.view(torch.uint8) if b.element_size() == 1 else b)
+        return
+    diff = (a.float() - b.float()).abs()
+    step = torch.maximum(a.float().abs(), b.float().abs()) * 2**-7 + 1e-30  # bf16 / e4m3 / int8: <= 1 step
+    assert ((diff > 0).float().mean() <= frac) and bool((diff <= step.clamp(min=1.0 if a.dtype == torch.int8 else 0)
+                                                         + step).all())
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM epilogues
+
+
+def _gemm_case(fmt, m=100, k=208, n=144, g=3):
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w, ws = formats.quantize_weight(torch.randn(n, k, device=DEV), fmt)
+    q, s = formats.quantize_per_token(x, fmt)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    res = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
+    gate = torch.randn(g, 2 * n, device=DEV, dtype=torch.bfloat16)[:, n:]  # a strided view, as in the block
+    rows = torch.randint(0, g, (m,), dtype=torch.int32, device=DEV)
+    return q, s, w, ws, bias, res, gate, rows
+
+
+LAUNCHERS = {"w8a8-int8": [kt.int8_gemm], "w8a8-fp8": [kt.fp8_gemm, kt.fp8_gemm_tma]}
+REFS = {"w8a8-int8": fo._int8_fused_ref, "w8a8-fp8": fo._fp8_fused_ref}
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("epilogue", ["gelu", "gated-residual"])
+def test_gemm_epilogue_equals_reference(fmt, epilogue):
+    if DEV.type == "cuda" and fmt == "w8a8-fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 GEMM needs sm89+")
+    q, s, w, ws, bias, res, gate, rows = _gemm_case(fmt)
+    kw = dict(gelu=True) if epilogue == "gelu" else dict(residual=res, gate=gate, gate_rows=rows)
+    args = (kw.get("gelu", False), kw.get("residual"), kw.get("gate"), kw.get("gate_rows"))
+    ref = REFS[fmt](q, s, w, ws, bias, torch.bfloat16, *args)
+    for launch in LAUNCHERS[fmt]:
+        if launch is kt.fp8_gemm_tma and DEV.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+            continue
+        out = launch(q, s, w, ws, bias, torch.bfloat16, *args)
+        _exact_or_one_step(out, ref)
+    if epilogue == "gated-residual":
+        # the check catches a wrong gate row: every token shifted to the next modulation row
+        broken = REFS[fmt](q, s, w, ws, bias, torch.bfloat16, False, res, gate, (rows + 1) % 3)
+        assert (broken != ref).float().mean() > 0.3
+
+
+def test_epilogue_reference_is_the_unfused_arithmetic():
+    """The reference epilogue equals what the unfused block computes from the Linear's output."""
+    y = torch.randn(64, 96) * 3
+    res = torch.randn(64, 96).bfloat16()
+    gate = torch.randn(2, 96).bfloat16()
+    rows = torch.randint(0, 2, (64,), dtype=torch.int32)
+    yb = y.bfloat16()
+    gelu_ref = fo.gemm_epilogue_reference(y, torch.bfloat16, True, None, None, None)
+    # GELU-tanh of the same bf16 output in float64: the sigmoid form is correctly rounded to bf16
+    # (half an ulp, 2^-9 relative, plus fp32's own error: within 2^-8) everywhere, also where
+    # 0.5 v (1 + tanh u) cancels (v < -3); torch's bf16 GELU is not held to that there.
+    v = yb.double()
+    exact = v * torch.sigmoid(2 * (0.7978845608028654 * (v + 0.044715 * v**3)))  # = 0.5 v (1 + tanh u)
+    assert torch.allclose(exact[v > -3], torch.nn.functional.gelu(v, approximate="tanh")[v > -3], rtol=1e-12)
+    assert bool(((gelu_ref.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-38).all())
+    wrong = fo.gemm_epilogue_reference(y * 1.01, torch.bfloat16, True, None, None, None)
+    assert not bool(((wrong.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-38).all())
+    gated = fo.gemm_epilogue_reference(y, torch.bfloat16, False, res, gate, rows)
+    assert torch.equal(gated, res + gate[rows.long()] * yb)
+
+
+def test_epilogue_argument_checks():
+    q, s, w, ws, bias, res, gate, rows = _gemm_case("w8a8-int8", m=8, k=64, n=32)
+    with pytest.raises(InputError, match="gelu or a gated residual"):
+        kt.int8_gemm(q, s, w, ws, bias, torch.bfloat16, True, res, gate, rows)
+    with pytest.raises(InputError, match="residual, gate and gate_rows"):
+        kt.int8_gemm(q, s, w, ws, bias, torch.bfloat16, False, res, None, rows)
+    with pytest.raises(InputError, match="gate_rows must be int32"):
+        kt.int8_gemm(q, s, w, ws, bias, torch.bfloat16, False, res, gate, rows.long())
+    with pytest.raises(InputError, match="residual must be"):
+        kt.int8_gemm(q, s, w, ws, bias, torch.bfloat16, False, res.float(), gate, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm + modulate + quant
+
+
+def _lmq_case(m=37, k=192, g=2, dtype=torch.bfloat16):
+    x = (torch.randn(m, k, device=DEV) * 3 + 0.5).to(dtype)
+    x[3, 5] = 40.0  # an outlier token
+    mod = (torch.randn(g, 6 * k, device=DEV) * 0.5).to(dtype)
+    rows = torch.randint(0, g, (m,), dtype=torch.int32, device=DEV)
+    return x, mod[:, :k], mod[:, k:2 * k], rows
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_layernorm_modulate_quant_equals_reference(fmt, dtype):
+    fp8 = fmt == "w8a8-fp8"
+    x, shift, scale, rows = _lmq_case(dtype=dtype)
+    q, s = kt.layernorm_modulate_quant(x, shift, scale, rows, 1e-6, fp8)
+    qr, sr = fo._lmq_ref(x, shift, scale, rows, 1e-6, fp8)
+    # bf16: the roundings to bf16 hide the LayerNorm's reduction order (bit-exact on CPU); fp32
+    # activations have no such grid, so the mean/variance's last-ulp differences can move a value
+    # across a quantization boundary: one step, in under 1% of the entries, scales within 1e-6.
+    exact = dtype == torch.bfloat16
+    _exact_or_one_step(q, qr, frac=1e-3 if exact else 1e-2, exact=exact)
+    torch.testing.assert_close(s, sr, rtol=2**-7 if DEV.type == "cuda" else (0 if exact else 1e-6), atol=0)
+    # the check catches a wrong shift (scale given as shift): most quantized values move
+    qb, _ = fo._lmq_ref(x, scale, scale, rows, 1e-6, fp8)
+    assert (qb.float() != qr.float()).float().mean() > 0.3
+
+
+def test_layernorm_modulate_reference_is_diffusers_modulate():
+    """The reference's modulation is the Qwen-Image block's own _modulate (per-sample and with the
+    Edit-2511 modulate_index) after its LayerNorm, bit for bit."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+
+    block = QwenImageTransformerBlock(64, 2, 32)
+    b, l_img, d = 2, 12, 64
+    x = torch.randn(b, l_img, d).bfloat16()
+    mod1 = torch.randn(2 * b, 3 * d).bfloat16()  # zero_cond_t: 2B modulation rows
+    index = torch.randint(0, 2, (b, l_img), dtype=torch.int32)
+    want, _ = block._modulate(torch.nn.functional.layer_norm(x, (d,), eps=1e-6), mod1, index)
+    rows = (torch.arange(b, dtype=torch.int32)[:, None] + b * index).reshape(-1)
+    got = fo.modulate_reference(x.reshape(-1, d), mod1[:, :d], mod1[:, d:2 * d], rows, 1e-6)
+    assert torch.equal(got, want.reshape(-1, d))
+    # a broken modulation index (reference tokens given the noisy tokens' row) is caught
+    bad = fo.modulate_reference(x.reshape(-1, d), mod1[:, :d], mod1[:, d:2 * d], rows % b, 1e-6)
+    assert not torch.equal(bad, want.reshape(-1, d))
+
+
+# --------------------------------------------------------------------------------------------
+# q/k RMSNorm + RoPE
+
+
+def _rope(n, half, device=DEV):
+    ang = torch.randn(n, half, device=device) * 3
+    return torch.stack([ang.cos(), ang.sin()], -1).contiguous()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_qk_norm_rope_equals_reference(batch):
+    heads, d, lt, li = 3, 64, 5, 11
+    qt = torch.randn(batch * lt, 3 * heads * d, device=DEV).bfloat16()
+    qi = torch.randn(batch * li, 3 * heads * d, device=DEV).bfloat16()
+    w = [torch.randn(d, device=DEV).bfloat16() for _ in range(4)]
+    ct, ci = _rope(lt, d // 2), _rope(li, d // 2)
+    out = kt.qk_norm_rope(qt, qi, batch, heads, *w, ct, ci, 1e-6)
+    ref = fo._qk_ref(qt, qi, batch, heads, *w, ct, ci, 1e-6)
+    for a, b in zip(out, ref):
+        assert a.shape == (batch, lt + li, heads, d)
+        _exact_or_one_step(a, b, frac=2e-2)
+    # the check catches RoPE of the wrong stream (text frequencies on the image tokens)
+    bad = fo._qk_ref(qt, qi, batch, heads, *w, ct, _rope(li, d // 2), 1e-6)
+    assert not torch.equal(bad[0], ref[0])
+
+
+def test_qk_reference_is_diffusers_norm_rope_and_concat():
+    from diffusers.models.normalization import RMSNorm
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    heads, d, lt, li = 2, 32, 4, 9
+    qt, qi = torch.randn(lt, 3 * heads * d).bfloat16(), torch.randn(li, 3 * heads * d).bfloat16()
+    norms = [RMSNorm(d, eps=1e-6).bfloat16() for _ in range(4)]
+    for n in norms:
+        n.weight.data = torch.randn(d).bfloat16()
+    ft = torch.polar(torch.ones(lt, d // 2), torch.randn(lt, d // 2))
+    fi = torch.polar(torch.ones(li, d // 2), torch.randn(li, d // 2))
+    want = []
+    for qkv, nq, nk, f in ((qt, norms[0], norms[1], ft), (qi, norms[2], norms[3], fi)):
+        q, k, v = qkv.reshape(1, -1, 3, heads, d).unbind(2)
+        want.append((apply_rotary_emb_qwen(nq(q), f, use_real=False), apply_rotary_emb_qwen(nk(k), f, use_real=False), v))
+    want = [torch.cat([a, b], 1) for a, b in zip(*want)]
+    got = fo._qk_ref(qt, qi, 1, heads, *(n.weight for n in norms), torch.view_as_real(ft), torch.view_as_real(fi), 1e-6)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# QuantizedActivation into QuantLinear
+
+
+@pytest.mark.parametrize("backend", ["int8-torch", "fp8-scaled-mm", "int8-triton", "fp8-triton"])
+def test_quantlinear_takes_a_quantized_activation(backend):
+    lin = torch.nn.Linear(96, 80).bfloat16().to(DEV)
+    try:
+        layer = QuantLinear.from_linear(lin, backend)
+    except Exception as exc:  # a backend this machine cannot run
+        pytest.skip(f"{backend}: {exc}")
+    x = torch.randn(3, 7, 96, device=DEV).bfloat16()
+    q, s = formats.quantize_per_token(x.reshape(-1, 96), layer.format)
+    got = layer(QuantizedActivation(q.reshape(3, 7, 96), s, x.dtype))
+    want = layer(x)
+    assert got.shape == want.shape == (3, 7, 80)
+    assert torch.equal(got, want) if backend != "fp8-scaled-mm" or DEV.type == "cuda" else \
+        torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)  # CPU: fp32 out, then one rounding
+    other = formats.quantize_per_token(x.reshape(-1, 96), "w8a8-fp8" if layer.format == "w8a8-int8" else "w8a8-int8")
+    with pytest.raises(InputError, match="cannot feed"):
+        layer(QuantizedActivation(other[0], other[1], x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# the fused block
+
+
+def _tiny(zero_cond_t=False, seed=0):
+    from qpipeline.demo import build_demo_transformer
+
+    return build_demo_transformer("tiny", seed=seed, zero_cond_t=zero_cond_t, device=DEV)
+
+
+def _inputs(model, mask=True):
+    from qpipeline.demo import demo_inputs
+
+    inp = demo_inputs(model, image_hw=(4, 4), reference_hw=(4, 4), text_tokens=7)
+    if mask:
+        inp["encoder_hidden_states_mask"][0, 5:] = 0  # padding: the mask is honored
+    else:
+        inp["encoder_hidden_states_mask"] = None
+    return inp
+
+
+@pytest.mark.parametrize("backend,zero_cond_t,mask", [
+    ("int8-torch", False, True), ("int8-torch", True, False), ("fp8-triton", True, True), ("int8-triton", False, False)])
+@torch.no_grad()
+def test_fused_block_equals_unfused(backend, zero_cond_t, mask):
+    from qpipeline import quantize_model
+    from qpipeline.blocks import fuse_model, unfuse_model
+
+    model = _tiny(zero_cond_t)
+    inp = _inputs(model, mask)
+    try:
+        quantize_model(model, backend)
+    except Exception as exc:
+        pytest.skip(f"{backend}: {exc}")
+    unfused = model(**inp)[0]
+    report = fuse_model(model)
+    assert len(report.fused) == 2 and not report.kept
+    fused = model(**inp)[0]
+    if DEV.type == "cpu":
+        assert torch.equal(fused, unfused)
+    else:  # reductions in another order: one bf16 step before some quantizations
+        rel = (fused.float() - unfused.float()).norm() / unfused.float().norm()
+        assert rel < 2e-2
+    assert unfuse_model(model) == 2
+    assert torch.equal(model(**inp)[0], unfused)
+
+
+@torch.no_grad()
+def test_fused_block_catches_a_broken_modulation_index():
+    """Edit-2511's per-token modulation matters: the fused block given the wrong tokens' rows
+    (every token the noisy image's) computes something else, and the comparison says so."""
+    from qpipeline import quantize_model
+    from qpipeline.blocks import fuse_model
+    from qpipeline.blocks import qwen_image
+
+    model = _tiny(zero_cond_t=True)
+    inp = _inputs(model, mask=False)
+    quantize_model(model, "int8-torch")
+    fuse_model(model)
+    good = model(**inp)[0]
+    original = qwen_image._prepare
+
+    def broken(batch, l_img, l_txt, modulate_index, rope, mask, device):
+        p = original(batch, l_img, l_txt, None, rope, mask, device)  # index dropped
+        qwen_image._LAST = None
+        return p
+
+    qwen_image._prepare = broken
+    try:
+        bad = model(**inp)[0]
+    finally:
+        qwen_image._prepare = original
+    assert not torch.allclose(bad.float(), good.float(), rtol=1e-2, atol=1e-2)
+
+
+@torch.no_grad()
+def test_blocks_that_cannot_be_fused_say_why():
+    from qpipeline import Recipe, quantize_model
+    from qpipeline.blocks import fuse_model
+
+    model = _tiny()
+    inp = _inputs(model)
+    recipe = Recipe(backend="int8-torch", rules=[("transformer_blocks.0.img_mlp.net.2", "skip"),
+                                                  ("transformer_blocks.1.attn.to_q", "int8-layerwise")])
+    quantize_model(model, recipe)
+    before = model(**inp)[0]
+    report = fuse_model(model)
+    assert report.fused == []
+    why = dict(report.kept)
+    assert why["transformer_blocks.0"] == "img_mlp.net.2 is not quantized"
+    assert "weight-only" in why["transformer_blocks.1"]
+    assert "not fused (img_mlp.net.2 is not quantized): transformer_blocks.0" in report.format()
+    assert torch.equal(model(**inp)[0], before)
+
+
+@torch.no_grad()
+def test_fused_qkv_holds_no_second_copy_and_survives_a_move():
+    from qpipeline import quantize_model
+    from qpipeline.quantize import model_bytes
+
+    model = _tiny()
+    report = quantize_model(model, "int8-torch", fuse=True)
+    assert len(report.fuse["fused"]) == 2
+    block = model.transformer_blocks[0]
+    st = block._qk_fused
+    assert block.attn.to_k.weight.untyped_storage().data_ptr() == st.qkv_img.weight.untyped_storage().data_ptr()
+    assert model_bytes(model) == report.model_bytes_after
+    inp = _inputs(model)
+    y = model(**inp)[0]
+    model.to(torch.float32).to(DEV)  # a move/cast: the q/k/v weights are re-joined
+    assert block.attn.to_k.weight.untyped_storage().data_ptr() == block._qk_fused.qkv_img.weight.untyped_storage().data_ptr()
+    model.to(torch.bfloat16)
+    assert torch.equal(model(**inp)[0], y)
+
+
+@torch.no_grad()
+def test_fuse_from_the_recipe_round_trips_through_a_checkpoint(tmp_path):
+    from qpipeline import Recipe, load_quantized, quantize_model, save_quantized
+
+    model = _tiny()
+    inp = _inputs(model)
+    report = quantize_model(model, Recipe(backend="int8-torch", fuse=True))
+    y = model(**inp)[0]
+    save_quantized(model, tmp_path / "q", report)
+    loaded = load_quantized(tmp_path / "q", device=DEV)
+    assert len(loaded.fuse_report.fused) == 2
+    assert torch.equal(loaded(**inp)[0], y)
+    plain = load_quantized(tmp_path / "q", device=DEV, fuse=False)
+    assert not hasattr(plain, "fuse_report") and torch.equal(plain(**inp)[0], y)
+    assert Recipe.from_dict(Recipe(fuse=True).to_dict()).fuse is True
+    with pytest.raises(Exception, match="fuse must be true or false"):
+        Recipe(fuse="yes")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_fused_full_width_block_on_gpu():
+    """Qwen-Image's real width (24 heads of 128, MLP 12288) at ~1,100 tokens, fp8-triton."""
+    from qpipeline import quantize_model
+    from qpipeline.demo import build_demo_transformer, demo_inputs
+
+    model = build_demo_transformer("full-width", num_layers=2, zero_cond_t=True, device="cuda")
+    inp = demo_inputs(model, image_hw=(24, 24), reference_hw=(24, 24), text_tokens=77)
+    inp["encoder_hidden_states_mask"] = None
+    ref = model(**inp)[0]
+    quantize_model(model, "fp8-triton")
+    unfused = model(**inp)[0]
+    from qpipeline.blocks import fuse_model
+
+    assert len(fuse_model(model).fused) == 2
+    fused = model(**inp)[0]
+    e_unfused = ((unfused.float() - ref.float()).norm() / ref.float().norm()).item()
+    e_fused = ((fused.float() - ref.float()).norm() / ref.float().norm()).item()
+    # the same quantization decisions: the fused error is the unfused one to within 10%
+    assert e_fused < 1.1 * e_unfused + 1e-3
+    assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()).item() < 0.25 * e_unfused + 1e-3

@@ -89,12 +89,18 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
         model = None
         try:
             _free(device)
+            from qkernels.backends.triton_backends import FP8Triton
+
+            FP8Triton.TMA_MIN_M = v.tma_min_m
             t0 = time.perf_counter()
-            model = build_demo_transformer(args.size, num_layers=args.blocks, device=device)
+            model = build_demo_transformer(args.size, num_layers=args.blocks, device=device,
+                                           **({"zero_cond_t": True} if args.zero_cond_t else {}))
             harness._sync(device)
             row["build_s"] = time.perf_counter() - t0
             inputs = demo_inputs(model, image_hw=hw, reference_hw=hw if args.reference else None,
                                  text_tokens=args.text_tokens)
+            if not args.text_mask:  # what the edit pipeline sends when no prompt token is padding
+                inputs["encoder_hidden_states_mask"] = None
             row["tokens"] = inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]
             t0 = time.perf_counter()
             fn = v.apply(model, _blocks_only, whole_model=True) if v.name != "bf16" else model
@@ -120,7 +126,10 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
             row["ms_60_blocks_extrapolated"] = t.median_ms * REAL_BLOCKS / args.blocks
             row["weight_gb_60_blocks_extrapolated"] = (nonblock + row["block_weight_bytes"] * REAL_BLOCKS) / 1e9
             row["status"] = "ok"
-            row.update(_load_time(ckpt, ckpt_reason, v, model, device))
+            if args.no_load or v.fuse or v.tma_min_m is not None:  # one load row per backend is enough
+                row["load_status"] = "skipped: --no-load" if args.no_load else "skipped: timed on the plain variant"
+            else:
+                row.update(_load_time(ckpt, ckpt_reason, v, model, device))
         except Exception as exc:
             row["status"] = harness.fmt_status(exc)
         finally:
@@ -203,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="output image width in pixels (default 1024)")
     p.add_argument("--reference", action="store_true", help="add one reference image of the same size (edit)")
     p.add_argument("--text-tokens", type=int, default=None, help="default 208")
+    p.add_argument("--text-mask", action="store_true", help="pass an all-ones text mask (the pipeline passes "
+                   "none when no prompt token is padding; default: none)")
+    p.add_argument("--no-load", action="store_true", help="do not time a checkpoint save + load per variant")
+    p.add_argument("--zero-cond-t", action="store_true", help="Edit-2511's per-token modulation (modulate_index)")
     p.add_argument("--reps", type=int, default=None, help="timed forwards (default 10; quick 3)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--only", default=None, help="comma list of variant names (bf16 always kept)")

@@ -9,6 +9,7 @@ peak memory is the result plus one layer). A variant that cannot run here still 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,6 +41,8 @@ class Variant:
     status: str = "ok"  # "ok", "not installed", "unavailable: <reason>"
     compiled: bool = False
     note: str = ""  # what a reader must know to read its numbers
+    fuse: bool = False  # qkernels: the fused block path (qpipeline.blocks) after quantizing
+    tma_min_m: int | None = None  # fp8-triton: FP8Triton.TMA_MIN_M while this variant runs
     # In-place quantization of the selected Linears of a module tree (None for bf16).
     quantize: Callable[[nn.Module, Select], None] | None = field(default=None, repr=False)
     # Whole-model application that replaces ``quantize`` for transformers (diffusers' own
@@ -63,6 +66,12 @@ class Variant:
             self.quantize_model(module)
         elif self.quantize is not None:
             self.quantize(module, select or (lambda name, layer: True))
+        if self.fuse:
+            from qpipeline.blocks import fuse_model
+
+            report = fuse_model(module)
+            if report.kept:
+                raise Unavailable(f"blocks not fused: {report.kept[0][1]}")
         if self.compiled:
             # dynamic=False: one specialised graph per shape, as a deployment with fixed
             # resolutions gets (the gemm sweep raises the recompile limit to match).
@@ -220,6 +229,14 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
             # a GPU kernel says nothing, and at M=512 one call takes minutes.
             v.status = "unavailable: Triton on CPU is the interpreter (tests only), not benchmarked"
         out.append(v)
+    # The fused block path (qpipeline.blocks) over the Triton backends, and fp8 with the TMA GEMM
+    # from M >= 1024 (benchmarks/results/h200: it wins at M >= 4096, loses at M <= 256).
+    for v in list(out):
+        if v.name in ("int8-triton", "fp8-triton"):
+            out.append(dataclasses.replace(v, name=v.name + "+fused", fuse=True))
+        if v.name == "fp8-triton":
+            out.append(dataclasses.replace(v, name="fp8-triton+tma", tma_min_m=1024))
+            out.append(dataclasses.replace(v, name="fp8-triton+fused+tma", fuse=True, tma_min_m=1024))
     if peers:
         out += _torchao_variants(device)
         out.append(_bnb_variant(device))
@@ -230,9 +247,8 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
         wants = (v.family == "torchao" and compile_peers) or (v.family == "qkernels" and compile_ours) or (
             v.family == "bf16" and (compile_peers or compile_ours))
         if wants:
-            compiled.append(Variant(v.name + "+compile", v.family, v.format, status=v.status, compiled=True, note=v.note,
-                                    quantize=v.quantize, quantize_model=v.quantize_model))
+            compiled.append(dataclasses.replace(v, name=v.name + "+compile", compiled=True))
     out += compiled
     if only:
-        out = [v for v in out if v.name in only or v.name.split("+")[0] in only or v.name == "bf16"]
+        out = [v for v in out if v.name in only or v.name == "bf16"]
     return out

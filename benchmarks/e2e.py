@@ -65,6 +65,15 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def _tma_default():
+    from qkernels.backends.triton_backends import FP8Triton
+
+    return FP8Triton.TMA_MIN_M
+
+
+TMA_DEFAULT = _tma_default()
+
+
 def run(args, rows: list[dict] | None = None) -> list[dict]:
     from qpipeline.demo import build_demo_transformer, demo_inputs
 
@@ -91,7 +100,7 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
             _free(device)
             from qkernels.backends.triton_backends import FP8Triton
 
-            FP8Triton.TMA_MIN_M = v.tma_min_m
+            FP8Triton.TMA_MIN_M = TMA_DEFAULT if v.tma_min_m == -1 else v.tma_min_m
             t0 = time.perf_counter()
             model = build_demo_transformer(args.size, num_layers=args.blocks, device=device,
                                            **({"zero_cond_t": True} if args.zero_cond_t else {}))
@@ -126,7 +135,7 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
             row["ms_60_blocks_extrapolated"] = t.median_ms * REAL_BLOCKS / args.blocks
             row["weight_gb_60_blocks_extrapolated"] = (nonblock + row["block_weight_bytes"] * REAL_BLOCKS) / 1e9
             row["status"] = "ok"
-            if args.no_load or v.fuse or v.tma_min_m is not None:  # one load row per backend is enough
+            if args.no_load or v.fuse or v.tma_min_m != -1:  # one load row per backend is enough
                 row["load_status"] = "skipped: --no-load" if args.no_load else "skipped: timed on the plain variant"
             else:
                 row.update(_load_time(ckpt, ckpt_reason, v, model, device))

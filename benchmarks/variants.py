@@ -42,7 +42,7 @@ class Variant:
     compiled: bool = False
     note: str = ""  # what a reader must know to read its numbers
     fuse: bool = False  # qkernels: the fused block path (qpipeline.blocks) after quantizing
-    tma_min_m: int | None = None  # fp8-triton: FP8Triton.TMA_MIN_M while this variant runs
+    tma_min_m: int | None = -1  # fp8-triton: FP8Triton.TMA_MIN_M while this variant runs (-1: the default)
     # In-place quantization of the selected Linears of a module tree (None for bf16).
     quantize: Callable[[nn.Module, Select], None] | None = field(default=None, repr=False)
     # Whole-model application that replaces ``quantize`` for transformers (diffusers' own
@@ -229,14 +229,13 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
             # a GPU kernel says nothing, and at M=512 one call takes minutes.
             v.status = "unavailable: Triton on CPU is the interpreter (tests only), not benchmarked"
         out.append(v)
-    # The fused block path (qpipeline.blocks) over the Triton backends, and fp8 with the TMA GEMM
-    # from M >= 1024 (benchmarks/results/h200: it wins at M >= 4096, loses at M <= 256).
+    # The fused block path (qpipeline.blocks) over the Triton backends, and fp8 with its pointer
+    # GEMM only (the default takes the TMA GEMM from FP8Triton.TMA_MIN_M tokens on).
     for v in list(out):
         if v.name in ("int8-triton", "fp8-triton"):
             out.append(dataclasses.replace(v, name=v.name + "+fused", fuse=True))
         if v.name == "fp8-triton":
-            out.append(dataclasses.replace(v, name="fp8-triton+tma", tma_min_m=1024))
-            out.append(dataclasses.replace(v, name="fp8-triton+fused+tma", fuse=True, tma_min_m=1024))
+            out.append(dataclasses.replace(v, name="fp8-triton+fused+notma", fuse=True, tma_min_m=None))
     if peers:
         out += _torchao_variants(device)
         out.append(_bnb_variant(device))

@@ -142,9 +142,11 @@ class FP8Triton(_TritonW8A8):
         return reason
 
     # From this many tokens on, the persistent TMA GEMM (qkernels.triton.fp8_gemm_tma) instead of
-    # fp8_gemm; None: never. Off until a GPU run of benchmarks.gemm (rows raw-triton-fp8 and
-    # raw-triton-fp8-tma) shows it faster; it needs in_features % 16 == 0 (TMA row strides).
-    TMA_MIN_M: int | None = None
+    # fp8_gemm; None: never. It needs in_features % 16 == 0 (TMA row strides). H200
+    # (benchmarks/results/h200): bare 3072x3072 GEMM 1.82x bf16 against 1.68x at M >= 4096, but
+    # 0.70x at M <= 256; 6 fused blocks at 8,400 tokens (image M = 8,192) 28.4 ms with it from
+    # M >= 1024 against 29.1 ms without, at 2,256 tokens (image M = 2,048) 16.0 against 13.0 ms.
+    TMA_MIN_M: int | None = 4096
 
     def forward(self, layer, x):
         k = _kernels(x)

@@ -42,6 +42,7 @@ class Variant:
     compiled: bool = False
     note: str = ""  # what a reader must know to read its numbers
     fuse: bool = False  # qkernels: the fused block path (qpipeline.blocks) after quantizing
+    graphs: bool = False  # CUDA-graph replay of the block loop (qpipeline.graphs)
     tma_min_m: int | None = -1  # fp8-triton: FP8Triton.TMA_MIN_M while this variant runs (-1: the default)
     # In-place quantization of the selected Linears of a module tree (None for bf16).
     quantize: Callable[[nn.Module, Select], None] | None = field(default=None, repr=False)
@@ -72,6 +73,12 @@ class Variant:
             report = fuse_model(module)
             if report.kept:
                 raise Unavailable(f"blocks not fused: {report.kept[0][1]}")
+        if self.graphs:
+            from qpipeline.graphs import enable_cuda_graphs
+
+            if not next(module.parameters(), next(module.buffers())).is_cuda:
+                raise Unavailable("CUDA graphs need CUDA")
+            enable_cuda_graphs(module)
         if self.compiled:
             # dynamic=False: one specialised graph per shape, as a deployment with fixed
             # resolutions gets (the gemm sweep raises the recompile limit to match).
@@ -236,6 +243,9 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
             out.append(dataclasses.replace(v, name=v.name + "+fused", fuse=True))
         if v.name == "fp8-triton":
             out.append(dataclasses.replace(v, name="fp8-triton+fused+notma", fuse=True, tma_min_m=None))
+            out.append(dataclasses.replace(v, name="fp8-triton+fused+graphs", fuse=True, graphs=True))
+    if device.type == "cuda":
+        out.insert(1, dataclasses.replace(out[0], name="bf16+graphs", graphs=True))
     if peers:
         out += _torchao_variants(device)
         out.append(_bnb_variant(device))

@@ -38,8 +38,38 @@ COLUMNS = [
     "median_ms", "p20_ms", "p80_ms", "spread_ms", "reps", "speedup_vs_bf16", "baseline", "first_call_s",
     "build_s", "quantize_s", "weight_bytes", "block_weight_bytes", "peak_mem_bytes", "peak_minus_base_bytes",
     "mem_method", "rel_error_vs_bf16", "ms_60_blocks_extrapolated", "weight_gb_60_blocks_extrapolated",
-    "load_s", "load_status", "note",
+    "load_s", "load_status", "gpu_ms", "share_gemm", "share_attention", "share_act_quant", "share_other", "note",
 ]
+
+# GPU kernel time by kind (--profile), from the kernel names the profiler reports. Checked in this
+# order: a name matching several (e.g. a GEMM with "quant" in it) counts in the first.
+_KINDS = (
+    ("attention", ("attention", "attn", "fmha", "flash", "cudnn", "sdpa")),
+    ("act_quant", ("quantize", "layernorm_modulate_quant", "qk_norm_rope")),
+    ("gemm", ("gemm", "gemv", "_mm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
+)
+
+
+def kernel_shares(fn, device) -> dict:
+    """One forward under torch.profiler: its total GPU kernel time and the share of each kind
+    (GEMM, attention, activation quant incl. the fused norm/RoPE kernels, other)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        harness._sync(device)
+    totals = dict.fromkeys(["gemm", "attention", "act_quant", "other"], 0.0)
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if not t or e.key.startswith(("cuda", "aten::", "Memcpy", "Memset")) and "kernel" not in e.key.lower():
+            continue
+        name = e.key.lower()
+        kind = next((k for k, keys in _KINDS if any(w in name for w in keys)), "other")
+        totals[kind] += t
+    total = sum(totals.values())
+    out = {"gpu_ms": total / 1e3}
+    out.update({f"share_{k}": (v / total if total else None) for k, v in totals.items()})
+    return out
 REAL_BLOCKS = 60
 
 
@@ -126,6 +156,9 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
                                   min_reps=args.reps, max_reps=args.reps, budget_s=0.0)
             row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, spread_ms=t.spread_ms, reps=t.n,
                        peak_mem_bytes=pm.peak, peak_minus_base_bytes=pm.peak - pm.base, mem_method=pm.method)
+            if args.profile and device.type == "cuda":
+                with torch.no_grad():
+                    row.update(kernel_shares(lambda: fn(**inputs), device))
             y = y.float().cpu()
             if v.name == "bf16":
                 y_ref = y
@@ -223,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=None, help="default 208")
     p.add_argument("--text-mask", action="store_true", help="pass an all-ones text mask (the pipeline passes "
                    "none when no prompt token is padding; default: none)")
+    p.add_argument("--profile", action="store_true", help="CUDA: one profiled forward per variant, GPU time by "
+                   "kind (GEMM, attention, activation quant, other)")
     p.add_argument("--no-load", action="store_true", help="do not time a checkpoint save + load per variant")
     p.add_argument("--zero-cond-t", action="store_true", help="Edit-2511's per-token modulation (modulate_index)")
     p.add_argument("--reps", type=int, default=None, help="timed forwards (default 10; quick 3)")

@@ -13,6 +13,15 @@
 #   e2e-compile   the e2e model at QK_COMPILE_BLOCKS blocks (default 2; compile time grows with the
 #                 blocks): bf16, torchao int8/fp8 and fp8-triton under torch.compile, fp8-triton eager
 #   gemm-compile  torch.compile'd torchao and bf16 at M in QK_COMPILE_M (default 4096,16384)
+#   e2e60         the real 60 blocks (41 GB bf16), Edit-2511 modulation, 1024x1024 + reference and
+#                 512x512 + reference: bf16, fp8-triton unfused / fused / fused + CUDA graphs, bf16
+#                 + graphs, with the profiler's GPU time by kind (--profile)
+#   e2e60-compile the same 60 blocks at 8,400 tokens, compiled block by block: bf16 and torchao fp8
+#                 rowwise (the peers to beat), against the fused eager path
+#
+# Not every step fits one 10-minute call any more; a full run is three calls, each with its own
+# OUT_DIR:  QK_STEPS="tests host accuracy" | QK_STEPS="gemm e2e" (QK_STEP_CAPS="gemm=300") |
+# QK_STEPS="e2e60 e2e60-compile" (QK_STEP_CAPS="e2e60=300").
 #
 # Time: QK_BUDGET_S (default 540) bounds the whole run from the script's start (wheel installs
 # included), leaving a 10-minute command limit room for a stopped step's last writes. Each step
@@ -171,8 +180,20 @@ for s in $STEPS; do
       # shellcheck disable=SC2086
       step gemm-compile "$PYTHON" -m benchmarks.gemm --out "$WORK/gemm-compile" --compile-peers "${QUICK[@]}" \
         --m "$COMPILE_M" --only "$COMPILED" ${QK_GEMM_ARGS:-} ;;
+    e2e60)
+      for hw in 1024 512; do
+        # shellcheck disable=SC2086
+        step "e2e60-$hw" "$PYTHON" -m benchmarks.e2e --out "$WORK/e2e60-$hw" --no-peers --blocks 60 --reference \
+          --zero-cond-t --height $hw --width $hw --reps 5 --warmup 1 --no-load --profile "${QUICK[@]}" \
+          --only bf16,bf16+graphs,fp8-triton,fp8-triton+fused,fp8-triton+fused+graphs ${QK_E2E_ARGS:-}
+      done ;;
+    e2e60-compile)
+      # shellcheck disable=SC2086
+      step e2e60-compile "$PYTHON" -m benchmarks.e2e --out "$WORK/e2e60-compile" --compile-peers --blocks 60 \
+        --reference --zero-cond-t --reps 5 --warmup 1 --no-load "${QUICK[@]}" \
+        --only bf16+compile,torchao-fp8-rowwise+compile,fp8-triton+fused ${QK_E2E_ARGS:-} ;;
     *)
-      log "unknown step '$s' (known: tests gemm e2e host accuracy e2e-compile gemm-compile)"
+      log "unknown step '$s' (known: tests gemm e2e host accuracy e2e-compile gemm-compile e2e60 e2e60-compile)"
       FAILED+=("$s(unknown)") ;;
   esac
 done

@@ -81,7 +81,14 @@ class Variant:
             enable_cuda_graphs(module)
         if self.compiled:
             # dynamic=False: one specialised graph per shape, as a deployment with fixed
-            # resolutions gets (the gemm sweep raises the recompile limit to match).
+            # resolutions gets (the gemm sweep raises the recompile limit to match). A
+            # transformer is compiled block by block (regional compilation, as diffusers'
+            # compile_repeated_blocks): 60 identical blocks compile once, not 60 times inlined.
+            blocks = getattr(module, "transformer_blocks", None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 1:
+                for block in blocks:
+                    block.compile(dynamic=False)
+                return module
             return torch.compile(module, dynamic=False)
         return module
 

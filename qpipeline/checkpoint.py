@@ -388,16 +388,24 @@ def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
         if not overwrite:
             raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
         _check_replaceable(out_dir)
-    anc = out_dir.absolute().parent
+    check_writable(out_dir)
+    return out_dir
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` can be created: no part of its folder path is a
+    file, and the nearest existing folder takes a write (a real one, removed at once: os.access
+    cannot see a read-only mount under every user, nor a quota)."""
+    path = Path(path)
+    anc = path.absolute().parent
     while not anc.exists():
         anc = anc.parent
     if not anc.is_dir():
-        raise CheckpointError(f"cannot write {out_dir}: {anc} is a file, not a folder")
-    try:  # a real write: os.access cannot see a read-only mount under every user, a quota, or a full disk
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=anc))
+        raise CheckpointError(f"cannot write {path}: {anc} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=anc))
     except OSError as exc:
-        raise CheckpointError(f"cannot write {out_dir}: {anc} is not writable ({exc.strerror or exc})") from None
-    return out_dir
+        raise CheckpointError(f"cannot write {path}: {anc} is not writable ({exc.strerror or exc})") from None
 
 
 def _pid_alive(pid: int) -> bool:

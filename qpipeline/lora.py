@@ -152,8 +152,9 @@ def _checked(module: str, w: LoRAWeights) -> LoRAWeights:
         raise LoRAError(f"{module}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, K] and [N, r]")
     if A.shape[0] == 0:
         raise LoRAError(f"{module}: rank 0 (A {tuple(A.shape)}): a LoRA needs rank >= 1")
-    if not (A.is_floating_point() and B.is_floating_point()):
-        raise LoRAError(f"{module}: A and B must be floating point, got {A.dtype} and {B.dtype}")
+    if not (A.is_floating_point() and B.is_floating_point()) or min(A.element_size(), B.element_size()) < 2:
+        raise LoRAError(f"{module}: A and B must be 16/32-bit floats, got {A.dtype} and {B.dtype} (a LoRA cast "
+                        "to 8 bits has lost most of its precision)")
     if w.alpha is not None:
         _finite_scale(w.alpha, f"alpha of {module}")
     # one pass over the (small) LoRA tensors: a NaN would reach every output of the layer

@@ -445,7 +445,7 @@ def _load_cli_model(args, dtype):
 
 
 def _inside(path: Path, root: Path | None) -> bool:
-    return root is not None and (path == root or path.is_relative_to(root))
+    return path is not None and root is not None and (path == root or path.is_relative_to(root))
 
 
 def _check_destinations(args) -> None:
@@ -492,8 +492,8 @@ def _run(argv) -> int:
         device = torch.device(args.device)
     except RuntimeError:
         raise _CLIError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _CLIError("--device cuda, but torch sees no CUDA device")
+    if reason := device_reason(device):
+        raise _CLIError(f"--device {args.device}: {reason}")
     out = Path(args.out)
     if args.config and not args.model:
         raise _CLIError("--config is for a single .safetensors --model")

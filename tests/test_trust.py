@@ -9,7 +9,6 @@ SIGTERM, a SIGBUS) are replaced by recorders or run in a forked child.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from qkernels import QuantLinear
-from qkernels.errors import BackendUnavailableError, CalibrationError, CheckpointError, InputError, LoRAError, QKernelsError
+from qkernels.errors import BackendUnavailableError, CalibrationError, CheckpointError, InputError, LoRAError
 from qpipeline import checkpoint as ckmod
 from qpipeline import lora as qlora
 from qpipeline import quantize as qmod

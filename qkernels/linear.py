@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from . import formats
-from .errors import CheckpointError, InputError
+from .capabilities import device_reason
+from .errors import BackendUnavailableError, CheckpointError, InputError
 from .registry import Backend, get_backend, resolve_backend
 
 __all__ = ["QuantLinear"]
@@ -66,6 +67,8 @@ class QuantLinear(nn.Module):
             raise InputError(f"format {fmt.name} is weight-only: it takes no input_scale or input_smooth")
         self.in_features, self.out_features, self.format = in_features, out_features, fmt.name
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if reason := device_reason(device):  # before torch's own AssertionError on a CPU-only build
+            raise BackendUnavailableError(f"QuantLinear on {device}: {reason}")
         empty = dict(device=device)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.dtype, **empty))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, **empty))

@@ -386,6 +386,9 @@ def test_no_cuda_is_said_plainly(saved, tmp_path, capsys):
             resolve_backend(name, "cuda")
     with pytest.raises(BackendUnavailableError, match="no usable CUDA"):
         load_quantized(saved, device="cuda")
+    for backend in ("auto", "int8-torch"):
+        with pytest.raises(BackendUnavailableError, match="no usable CUDA"):
+            QuantLinear(64, 64, format="w8a8-int8", backend=backend, device="cuda")
     with pytest.raises(BackendUnavailableError, match="no usable CUDA"):
         quantize_model(nn.Sequential(nn.Linear(32, 32)), "auto", device="cuda")
     pipe = tmp_path / "pipe"

@@ -299,7 +299,8 @@ def _load_local_transformer(path: str, dtype: torch.dtype, device: str):
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise CalibrationError(f"{cfg_path}: unknown model class {cls_name!r} for this diffusers version")
     try:
-        model = cls.from_pretrained(path, subfolder=sub, torch_dtype=dtype, local_files_only=True)
+        model = cls.from_pretrained(path, subfolder=sub, torch_dtype=dtype, local_files_only=True,
+                                    use_safetensors=True)  # never a pickle (.bin) fallback
     except Exception as exc:  # diffusers' own errors for a malformed folder: one line, not a traceback
         raise CalibrationError(f"cannot load {cls_name} from {path}: {type(exc).__name__}: {exc}") from None
     return model.to(device).eval().requires_grad_(False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from qkernels.capabilities import device_reason
 from qkernels.errors import CalibrationError, QKernelsError
 
 from .stats import ActivationStats, LayerStats
@@ -286,12 +288,21 @@ def _load_local_transformer(path: str, dtype: torch.dtype, device: str):
     cfg_path = os.path.join(path, sub or "", "config.json")
     if not os.path.isfile(cfg_path):
         raise CalibrationError(f"{path} is not a diffusers model folder: no transformer/config.json or config.json")
-    with open(cfg_path) as f:
-        cls_name = json.load(f).get("_class_name")
-    cls = getattr(diffusers, cls_name or "", None)
-    if cls is None:
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{cfg_path} is not readable JSON ({exc})") from None
+    cls_name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    # only a diffusers model class, by name: a config names data, never code to run
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) and cls_name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise CalibrationError(f"{cfg_path}: unknown model class {cls_name!r} for this diffusers version")
-    model = cls.from_pretrained(path, subfolder=sub, torch_dtype=dtype, local_files_only=True)
+    try:
+        model = cls.from_pretrained(path, subfolder=sub, torch_dtype=dtype, local_files_only=True,
+                                    use_safetensors=True)  # never a pickle (.bin) fallback
+    except Exception as exc:  # diffusers' own errors for a malformed folder: one line, not a traceback
+        raise CalibrationError(f"cannot load {cls_name} from {path}: {type(exc).__name__}: {exc}") from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -319,6 +330,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise CalibrationError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1)") from None
+        if reason := device_reason(device):
+            raise CalibrationError(f"--device {args.device}: {reason}")
+        if os.path.isdir(args.out):
+            raise CalibrationError(f"--out {args.out} is a folder; give a file name such as stats.safetensors")
+        anc = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.exists(anc):
+            anc = os.path.dirname(anc)
+        if not os.path.isdir(anc) or not os.access(anc, os.W_OK):  # before collecting, not after
+            raise CalibrationError(f"--out {args.out}: {anc} is {'not a folder' if not os.path.isdir(anc) else 'not writable'}")
         if args.samples < 1 or args.steps < 1:
             raise CalibrationError(f"--samples and --steps must be >= 1 (got {args.samples}, {args.steps}): "
                                    f"an empty sample set calibrates nothing")
@@ -345,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         stats.save(args.out)
     except QKernelsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the --out path (permissions, a full disk): one line, not a traceback
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2
     worst = sorted(stats.layers.values(), key=_outlier_ratio, reverse=True)[:5]
     print(f"{len(stats)} layers, {stats.metadata['forward_passes']} forward passes in "

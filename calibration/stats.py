@@ -219,13 +219,18 @@ class ActivationStats:
             meta = json.loads(header[_META_KEY])
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{path}: calibration metadata is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise CalibrationError(f"{path}: calibration metadata must be a JSON object, not a {type(meta).__name__}")
         version = meta.get("version")
         if version != STATS_VERSION:
             raise CalibrationError(f"{path}: statistics format version {version!r}, this toolkit reads "
                                    f"version {STATS_VERSION}; recollect with `python -m calibration.collect`")
-        per_layer = meta.pop("layers", {})
+        per_layer = meta.pop("layers", None)
+        if not isinstance(per_layer, dict):
+            raise CalibrationError(f"{path}: calibration metadata has no 'layers' object (truncated or edited file)")
         layers = {}
         for name, info in per_layer.items():
+            _check_layer_meta(path, name, info)
             try:
                 got = {what: tensors[f"{name}.{what}"].float() for what in _FIELDS}
             except KeyError as exc:
@@ -246,6 +251,24 @@ class ActivationStats:
         if model is not None:
             stats.validate(model)
         return stats
+
+
+def _check_layer_meta(path: str, name: str, info) -> None:
+    """The per-layer metadata entry load() reads, with the types it needs, or CalibrationError naming it."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict):
+        raise CalibrationError(f"{path}: metadata of layer {name!r} must be an object, got {type(info).__name__}")
+    if not is_int(info.get("in_features")):
+        raise CalibrationError(f"{path}: layer {name!r} needs a non-negative integer 'in_features', got "
+                               f"{info.get('in_features')!r}")
+    for key in ("calls", "tokens"):
+        if key in info and not is_int(info[key]):
+            raise CalibrationError(f"{path}: layer {name!r}: {key!r} must be a non-negative integer, got {info[key]!r}")
+    q = info.get("percentile_q", 99.9)
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 100:
+        raise CalibrationError(f"{path}: layer {name!r}: 'percentile_q' must be a number in (0, 100], got {q!r}")
 
 
 def _some(names: list[str], limit: int = 8) -> str:

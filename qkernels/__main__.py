@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import __version__, list_backends
-from .capabilities import as_device
+from .capabilities import as_device, device_reason
 from .errors import QKernelsError
 from .registry import resolve_backend
 
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         device = as_device(args.device)
+        reason = device_reason(device)
+        if reason:  # a table of "available" CUDA backends on a machine without CUDA would be a lie
+            raise QKernelsError(f"--device {args.device}: {reason}")
         rows = list_backends(device)
     except (QKernelsError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

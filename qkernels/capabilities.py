@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "default_device",
     "cuda_reason",
+    "device_reason",
     "cuda_capability",
     "fp8_gemm_reason",
     "triton_reason",
@@ -41,6 +42,21 @@ def cuda_reason(device: torch.device) -> str | None:
         return f"needs a CUDA device (got {device.type})"
     if not torch.cuda.is_available():
         return "torch reports no usable CUDA device (CPU build of torch, or no driver)"
+    return None
+
+
+def device_reason(device: torch.device) -> str | None:
+    """None if torch can place tensors on ``device`` on this machine, else why not (checked
+    before anything is built there, so that a CPU-only machine says so instead of failing deep
+    inside a kernel with an AssertionError)."""
+    if device.type != "cuda":
+        return None
+    reason = cuda_reason(device)
+    if reason:
+        return reason
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"{device} does not exist: this machine has {count} CUDA device(s)"
     return None
 
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from . import formats
-from .errors import CheckpointError, InputError
+from .capabilities import device_reason
+from .errors import BackendUnavailableError, CheckpointError, InputError
 from .registry import Backend, get_backend, resolve_backend
 
 __all__ = ["QuantLinear", "QuantizedActivation"]
@@ -35,6 +36,23 @@ _FIXED_DTYPE = ("weight", "weight_scale", "input_scale", "input_smooth")
 def _apply_float(fn, t: torch.Tensor) -> torch.Tensor:
     moved = fn(t)
     return moved if moved.dtype in _INPUT_DTYPES else t.to(moved.device)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """A QuantLinear output that autograd would differentiate: computed by the layer's backend
+    as always, with a backward that refuses. The 8-bit kernels have no derivative (int8 _int_mm,
+    rounding): autograd through them returned a gradient with cosine 0.03 to the true one."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.what = f"format {layer.format}, backend {layer.backend}"
+        return layer._backend.forward(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise InputError(f"QuantLinear ({ctx.what}) is inference-only: it has no backward, and a gradient "
+                         "through 8-bit kernels would be wrong. Run it under torch.no_grad() / "
+                         "torch.inference_mode(), or keep the layers to train through as nn.Linear")
 
 
 class QuantLinear(nn.Module):
@@ -64,6 +82,8 @@ class QuantLinear(nn.Module):
             raise InputError(f"format {fmt.name} is weight-only: it takes no input_scale or input_smooth")
         self.in_features, self.out_features, self.format = in_features, out_features, fmt.name
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if reason := device_reason(device):  # before torch's own AssertionError on a CPU-only build
+            raise BackendUnavailableError(f"QuantLinear on {device}: {reason}")
         empty = dict(device=device)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.dtype, **empty))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, **empty))
@@ -174,7 +194,9 @@ class QuantLinear(nn.Module):
             return x.new_empty((*lead, self.out_features))
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        y = self._backend.forward(self, x2d)
+        # one flag test per call: the autograd wrapper exists only where a graph is being built
+        y = (_InferenceOnly.apply(x2d, self) if torch.is_grad_enabled() and x2d.requires_grad
+             else self._backend.forward(self, x2d))
         if self._loras:
             y = self._add_loras(x2d, y)
         return y.reshape(*lead, self.out_features)

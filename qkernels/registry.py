@@ -12,7 +12,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from .capabilities import as_device
+from .capabilities import as_device, device_reason
 from .errors import BackendUnavailableError, InputError, UnsupportedShapeError
 
 __all__ = [
@@ -109,6 +109,12 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 
+def _unavailable(backend: Backend, device: torch.device) -> str | None:
+    # the device itself first: a CUDA backend on a machine torch sees no CUDA on is unavailable,
+    # whatever its own check says
+    return device_reason(device) or backend.unavailable_reason(device)
+
+
 def _ensure_loaded() -> None:
     from . import backends  # noqa: F401  (registers the built-in backends on first use)
 
@@ -129,7 +135,7 @@ def list_backends(device: torch.device | str | None = None) -> list[BackendRow]:
     device = as_device(device)
     rows = []
     for backend in _BACKENDS.values():
-        reason = backend.unavailable_reason(device)
+        reason = _unavailable(backend, device)
         rows.append(BackendRow(backend.name, backend.format, reason is None, reason or ""))
     return rows
 
@@ -158,7 +164,7 @@ def resolve_backend(
                 f"backend {name!r} computes format {backend.format!r}, not {format!r}; "
                 f"backends of {format!r}: {', '.join(same) or 'none'}"
             )
-        reason = backend.unavailable_reason(device)
+        reason = _unavailable(backend, device)
         if reason:
             usable = [r.name for r in list_backends(device) if r.available and r.name != "bf16"
                       and (format is None or r.format == format)]
@@ -178,7 +184,7 @@ def resolve_backend(
         backend = _BACKENDS.get(candidate)
         if backend is None or (format is not None and backend.format != format):
             continue
-        reason = backend.unavailable_reason(device) or (shape and backend.unsupported_shape_reason(*shape))
+        reason = _unavailable(backend, device) or (shape and backend.unsupported_shape_reason(*shape))
         if reason:
             skipped.append(f"{candidate}: {reason}")
             continue

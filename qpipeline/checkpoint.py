@@ -14,18 +14,28 @@ Loading never builds a high-precision copy of the model: the skeleton's paramete
 meta device (buffers and plain tensor attributes, e.g. rotary tables, are computed normally so
 they are correct), quantized layers are built empty on meta, then each tensor is read from the
 memory-mapped file onto the target device and assigned (``load_state_dict(assign=True)``).
+
+Trust: a checkpoint is data, never code. The model class it names is looked up among diffusers'
+and transformers' own model classes (or those registered with :func:`register_model_class`),
+checked to be an ``nn.Module`` subclass before anything is called; no module is ever imported by
+a name read from the file, so a ``.py`` shipped beside the weights never runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import struct
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,8 +48,8 @@ from qkernels import QuantLinear
 from qkernels.errors import CheckpointError, QKernelsError
 from qkernels.registry import get_backend
 
-__all__ = ["save_quantized", "load_quantized", "load_pretrained", "CHECKPOINT_FORMAT_VERSION",
-           "DEFAULT_MAX_SHARD_BYTES", "params_on_meta"]
+__all__ = ["save_quantized", "load_quantized", "load_pretrained", "register_model_class", "check_destination",
+           "CHECKPOINT_FORMAT_VERSION", "DEFAULT_MAX_SHARD_BYTES", "params_on_meta"]
 
 log = logging.getLogger("qpipeline")
 
@@ -58,6 +68,21 @@ _ST_DTYPES = {
 }
 _ST_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 _QUANT_BUFFERS = ("weight", "weight_scale", "input_scale", "input_smooth")
+
+
+def _usable_device(device) -> torch.device:
+    """``device`` as a torch.device, refused with the reason when torch cannot use it here."""
+    from qkernels.capabilities import device_reason
+    from qkernels.errors import BackendUnavailableError
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"device {device!r} is not a device (cpu, cuda, cuda:1)") from None
+    reason = device_reason(device)
+    if reason:
+        raise BackendUnavailableError(f"device {device}: {reason}")
+    return device
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -117,10 +142,16 @@ def _read_header(path: Path) -> dict[str, dict]:
         raise CheckpointError(f"{path.name} is not a valid safetensors file ({exc})") from None
     header.pop("__metadata__", None)
     spans = []
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} is not a valid safetensors file (its header is not a JSON object)")
     for key, e in header.items():
         if not isinstance(e, dict) or e.get("dtype") not in _ST_TO_TORCH:
             raise CheckpointError(f"{path.name}: tensor {key!r} has an unknown dtype {e.get('dtype') if isinstance(e, dict) else e!r}")
-        b, end = e["data_offsets"]
+        offsets, shape = e.get("data_offsets"), e.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*offsets, *shape])):
+            raise CheckpointError(f"{path.name}: tensor {key!r} has a malformed shape or data_offsets")
+        b, end = offsets
         numel = 1
         for d in e["shape"]:
             numel *= d
@@ -157,15 +188,65 @@ def _class_path(obj_or_cls) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _import_class(path: str):
-    module, _, qualname = path.partition(":")
-    try:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise CheckpointError(f"cannot import model class {path} named in {CONFIG_NAME}: {exc}") from None
-    return obj
+# Plain nn.Module classes a checkpoint may name (diffusers / transformers models need no entry).
+_MODEL_CLASSES: dict[str, type] = {}
+# The libraries whose own model classes a checkpoint may name, and the base class each must derive from.
+_LIBRARIES = {"diffusers": ("diffusers", "ModelMixin"), "transformers": ("transformers", "PreTrainedModel")}
+
+
+def register_model_class(cls: type) -> type:
+    """Let checkpoints name ``cls`` (an ``nn.Module`` subclass; usable as a class decorator).
+
+    ``load_quantized`` builds only diffusers and transformers model classes and the classes
+    registered here: a checkpoint is data and cannot make it import or call anything else.
+    A plain module is rebuilt with ``cls()``; a diffusers-style one with ``cls.from_config``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"register_model_class takes an nn.Module subclass, got {cls!r}")
+    _MODEL_CLASSES[_class_path(cls)] = cls
+    return cls
+
+
+def _library_base(library: str) -> type:
+    module, base = _LIBRARIES[library]
+    return getattr(importlib.import_module(module), base)
+
+
+def _safe_model_class(path, kind: str, ckpt: Path | None = None) -> type:
+    """The class a checkpoint's ``model.class`` names, resolved without importing any module the
+    file names: a registered class, or a model class that diffusers / transformers export by that
+    name (``getattr`` on the installed library), checked to be an nn.Module subclass of the
+    library's model base class before anything is called."""
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise CheckpointError(f"{CONFIG_NAME}: model class must be 'module:Class', got {path!r}")
+    cls = _MODEL_CLASSES.get(path)
+    if cls is None:
+        module, qualname = path.split(":")
+        library = module.partition(".")[0]
+        if kind not in _LIBRARIES or library != kind or not qualname.isidentifier():
+            raise CheckpointError(
+                f"{CONFIG_NAME} names model class {path!r} ({kind}); only diffusers and transformers model "
+                f"classes, and classes registered with qpipeline.checkpoint.register_model_class, are built "
+                f"from a checkpoint (it is data: nothing it names is imported or called). Register the class, "
+                f"or pass skeleton=<callable returning the model>")
+        try:
+            cls = getattr(importlib.import_module(library), qualname, None)
+        except ImportError as exc:
+            raise CheckpointError(f"{path} needs {library}, which cannot be imported: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, _library_base(library))):
+            raise CheckpointError(f"{CONFIG_NAME} names {path!r}, which is not a {library} model class "
+                                  f"(this {library} has no model class {qualname!r})")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"{path} is not an nn.Module subclass")
+    if ckpt is not None:
+        # a registered class defined in a file inside the checkpoint folder is still code from the checkpoint
+        try:
+            src = Path(inspect.getfile(cls)).resolve()
+        except (TypeError, OSError):
+            src = None
+        if src is not None and src.is_relative_to(ckpt.resolve()):
+            raise CheckpointError(f"{path} is defined in {src}, inside the checkpoint folder: refusing to run it")
+    return cls
 
 
 def _json_value(v):
@@ -219,19 +300,19 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
-def _build_skeleton(desc: dict, skeleton=None) -> nn.Module:
+def _build_skeleton(desc: dict, skeleton=None, ckpt: Path | None = None) -> nn.Module:
     if skeleton is not None:
         with params_on_meta():
             return skeleton()
-    cls = _import_class(desc["class"])
     kind, config = desc["kind"], desc["config"]
+    cls = _safe_model_class(desc["class"], kind, ckpt)
     try:
         with params_on_meta():
             if kind == "diffusers":
                 return cls.from_config(config)
             if kind == "transformers":
-                config_cls = _import_class(desc["config_class"])
-                return cls(config_cls.from_dict(config))
+                # the model class's own config class: nothing named by the file is imported
+                return cls(cls.config_class.from_dict(config))
             return cls()
     except QKernelsError:
         raise
@@ -268,19 +349,163 @@ def _shard(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list
     return shards
 
 
+# ----------------------------------------------------------------------------------------------
+# the destination: checked before anything is written (and by the CLI before quantizing)
+
+# Files a checkpoint folder of ours may hold besides the shards its config names; anything else
+# in it belongs to someone, and --overwrite must not delete it.
+_OWN_FILE = re.compile(r"(model|diffusion_pytorch_model)(-\d{5}-of-\d{5})?\.safetensors|.+\.safetensors\.index\.json"
+                       r"|config\.json|" + re.escape(CONFIG_NAME))
+_STRAY = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Raise unless ``out_dir`` is a folder holding a checkpoint written by save_quantized, and
+    nothing else: the only folder ``overwrite=True`` may replace."""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a folder; overwrite replaces only a checkpoint folder")
+    try:
+        config = json.loads((out_dir / CONFIG_NAME).read_text())
+        ours = isinstance(config, dict) and "format_version" in config and isinstance(config.get("shards"), dict)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise CheckpointError(f"{out_dir} exists and is not a checkpoint written by save_quantized (no readable "
+                              f"{CONFIG_NAME}): overwrite replaces only such a folder. Choose another output folder")
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if not (p.is_file() and not p.is_symlink() and (p.name in config["shards"] or _OWN_FILE.fullmatch(p.name))))
+    if others:
+        raise CheckpointError(f"{out_dir} holds {len(others)} item(s) that are not part of its checkpoint "
+                              f"({', '.join(others[:5])}): replacing it would delete them. Move them out first")
+
+
+def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Raise CheckpointError unless a checkpoint can be written to ``out_dir``: it does not exist
+    (or, with ``overwrite``, holds a checkpoint of ours and nothing else), no part of its path is
+    a file, and its file system takes a write. Nothing is left behind by the check."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+        _check_replaceable(out_dir)
+    check_writable(out_dir)
+    return out_dir
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` can be created: no part of its folder path is a
+    file, and the nearest existing folder takes a write (a real one, removed at once: os.access
+    cannot see a read-only mount under every user, nor a quota)."""
+    path = Path(path)
+    anc = path.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise CheckpointError(f"cannot write {path}: {anc} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=anc))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {anc} is not writable ({exc.strerror or exc})") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stray(out_dir: Path) -> list[Path]:
+    """Delete the temporary folders a killed save left beside ``out_dir`` (their process is gone);
+    if ``out_dir`` itself is missing, a complete previous checkpoint left by the two-rename
+    fallback of :func:`_atomic_swap` is put back first. Returns what was removed."""
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return []
+    stray = []
+    for p in parent.iterdir():
+        m = _STRAY.fullmatch(p.name)
+        if m and m["name"] == out_dir.name and p.is_dir() and not _pid_alive(int(m["pid"])):
+            stray.append((m["what"], p))
+    if not out_dir.exists():
+        for what, p in sorted(stray, key=lambda wp: wp[1].stat().st_mtime, reverse=True):
+            if what == "old" and (p / CONFIG_NAME).is_file():
+                os.rename(p, out_dir)
+                log.warning("restored %s from %s, left by an interrupted save", out_dir, p.name)
+                stray.remove((what, p))
+                break
+    for _, p in stray:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p for _, p in stray]
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``, glibc
+    2.28+); False where the OS or the file system has no such call."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _atomic_swap(new: Path, out_dir: Path) -> None:
+    """Put the complete folder ``new`` at ``out_dir``; an earlier ``out_dir`` is deleted after.
+
+    One step wherever the file system can: a rename onto a free name, or an exchange of the two
+    folders. A kill at any point leaves ``out_dir`` the old checkpoint or the new one, whole;
+    what remains under the temporary name is removed by the next save (:func:`_clean_stray`).
+    Without an exchange call, two renames: a kill between them leaves ``out_dir`` missing and
+    the old checkpoint complete beside it, which the next save puts back."""
+    if not out_dir.exists():
+        os.rename(new, out_dir)
+    elif _exchange(new, out_dir):
+        shutil.rmtree(new, ignore_errors=True)  # `new` is the old checkpoint now
+    else:
+        old = new.with_name(new.name.replace(".tmp-", ".old-", 1))
+        os.rename(out_dir, old)
+        try:
+            os.rename(new, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _config_digest(config: dict) -> str:
+    """sha256 of the config without its own checksum, in a canonical JSON form."""
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, report=None, *, overwrite: bool = False,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write ``model`` (quantized in place by ``quantize_model``) to ``out_dir``; returns its path.
 
-    Everything is written to a temporary folder beside ``out_dir`` and renamed into place, so a
-    failure leaves an earlier checkpoint as it was. An existing ``out_dir`` is refused unless
-    ``overwrite=True``.
+    Everything is written to a temporary folder beside ``out_dir`` and swapped into place in one
+    step (:func:`_atomic_swap`), so a failure or a kill leaves ``out_dir`` the earlier checkpoint
+    or the new one, complete. An existing ``out_dir`` is refused unless ``overwrite=True``, and
+    even then replaced only if it holds a checkpoint of ours and nothing else. Temporary folders
+    left by a killed save are removed first.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} exists and is not a folder")
+    _clean_stray(out_dir)
+    check_destination(out_dir, overwrite)
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
 
@@ -314,8 +539,15 @@ def save_quantized(model: nn.Module, out_dir: str | Path, report=None, *, overwr
     names = ([WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    needed = sum(t.numel() * t.element_size() for _, t in tensors)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out_dir.parent).free
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out_dir}: {exc.strerror or exc}") from None
+    if needed + 2**20 > free:  # + 1 MiB: headers and the config
+        raise CheckpointError(f"{out_dir} needs {needed / 2**20:.1f} MiB, its file system has {free / 2**20:.1f} MiB free")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         shard_info = {}
@@ -339,18 +571,19 @@ def save_quantized(model: nn.Module, out_dir: str | Path, report=None, *, overwr
             "report": report.to_dict()["totals"] if report is not None else None,
             "recipe": report.recipe if report is not None else None,
         }
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=_json_value) + "\n")
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        config = json.loads(json.dumps(config, default=_json_value))  # the form a reader sees
+        config["config_sha256"] = _config_digest(config)
+        with open(tmp / CONFIG_NAME, "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _atomic_swap(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, QKernelsError):
+            raise
+        raise CheckpointError(f"saving {out_dir} failed, it is unchanged: {exc.strerror or exc}"
+                              + (f" ({exc.filename})" if exc.filename else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -431,6 +664,73 @@ def _check_files(ckpt: Path, config: dict, verify: bool) -> dict[str, tuple[str,
     return where
 
 
+def _check_config(config: dict, verify: bool) -> None:
+    """Types of every entry load_quantized reads, and the config's own checksum: a malformed or
+    edited config is refused naming what is wrong, before any of it is used."""
+
+    def need(ok, what):
+        if not ok:
+            raise CheckpointError(f"{CONFIG_NAME}: {what}")
+
+    def is_int(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    model = config["model"]
+    need(isinstance(model, dict) and isinstance(model.get("class"), str)
+         and model.get("kind") in ("diffusers", "transformers", "module"),
+         "'model' must be an object with a 'class' string and a 'kind' of diffusers, transformers or module")
+    need(model.get("config") is None or isinstance(model["config"], dict), "model.config must be an object or null")
+    need(model["kind"] == "module" or isinstance(model.get("config"), dict), f"a {model['kind']} model needs its config")
+    need(isinstance(config["layers"], dict), "'layers' must be an object")
+    for name, spec in config["layers"].items():
+        need(isinstance(spec, dict), f"layer {name!r} must be an object")
+        for key, ok in (("format", isinstance(spec.get("format"), str)),
+                        ("static", isinstance(spec.get("static"), bool)), ("smooth", isinstance(spec.get("smooth"), bool)),
+                        ("bias_dtype", spec.get("bias_dtype") is None or isinstance(spec.get("bias_dtype"), str)),
+                        ("in_features", is_int(spec.get("in_features"), 1)),
+                        ("out_features", is_int(spec.get("out_features"), 1))):
+            need(key in spec and ok, f"layer {name!r}: {key!r} is missing or of the wrong type ({spec.get(key)!r})")
+    need(isinstance(config["tensors"], dict), "'tensors' must be an object")
+    for key, t in config["tensors"].items():
+        need(isinstance(t, dict) and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)
+             and all(is_int(d) for d in t["shape"]), f"tensor {key!r} needs a 'dtype' string and a 'shape' list of ints")
+    aliases = config.get("aliases", {})
+    need(isinstance(aliases, dict) and all(isinstance(v, str) and v in config["tensors"] for v in aliases.values()),
+         "'aliases' must map names to stored tensors")
+    need(isinstance(config.get("non_persistent_buffers", {}), dict), "'non_persistent_buffers' must be an object")
+    need(isinstance(config["shards"], dict) and config["shards"], "'shards' must be a non-empty object")
+    for fname, info in config["shards"].items():
+        need(isinstance(info, dict) and is_int(info.get("bytes")) and isinstance(info.get("sha256"), str),
+             f"shard {fname!r} needs 'bytes' (int) and 'sha256' (string)")
+    if not verify:
+        return
+    digest = config.get("config_sha256")
+    if digest is None:
+        raise CheckpointError(f"{CONFIG_NAME} has no config_sha256 (written before configs were checksummed, or the "
+                              f"entry was removed): re-save the checkpoint, or load it with verify=False")
+    if digest != _config_digest(config):
+        raise CheckpointError(f"{CONFIG_NAME} differs from its config_sha256: the file was edited or corrupted "
+                              f"(layer formats or the model config would load silently wrong)")
+
+
+def _read_tensors(path: Path, entries: dict[str, dict], keys) -> dict[str, torch.Tensor]:
+    """``keys`` of one safetensors file read into fresh CPU memory (plain reads, no memory map):
+    the tensors own their bytes, so replacing, truncating or editing the file later changes
+    nothing (a mapped tensor would change silently, or kill the process with SIGBUS)."""
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for key in keys:
+            e = entries[key]
+            b, end = e["data_offsets"]
+            buf = torch.empty(end - b, dtype=torch.uint8)
+            f.seek(8 + n + b)
+            if end > b and f.readinto(memoryview(buf.numpy())) != end - b:
+                raise CheckpointError(f"{path.name} ended while reading {key}: the file is truncated or was replaced")
+            out[key] = buf.view(_ST_TO_TORCH[e["dtype"]]).reshape(e["shape"])
+    return out
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -438,22 +738,28 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", backend: str = "auto", *,
-                   verify: bool = True, skeleton=None, fuse: bool | None = None) -> nn.Module:
+                   verify: bool = True, skeleton=None, mmap: bool = False, fuse: bool | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` onto ``device``.
 
     ``backend``: ``auto`` or any backend of the saved format (layers of another format use
     ``auto``). ``verify``: check each shard's sha256 (reads every byte once more; sizes and the
-    safetensors headers are always checked). ``skeleton``: a callable returning the model, for a
-    plain ``nn.Module`` whose class cannot be built without arguments. ``fuse``: rewire the blocks
-    to the fused kernels (``qpipeline.blocks``; default: as the checkpoint's recipe says);
-    ``model.fuse_report`` then says which blocks were fused.
+    safetensors headers are always checked; also the config's own checksum). ``skeleton``: a
+    callable returning the model, for a plain ``nn.Module`` whose class cannot be built without
+    arguments (or register the class: :func:`register_model_class`).
+    ``mmap``: on the CPU, tensors are read into memory the model owns by default, so the files
+    may be replaced or deleted while it lives. ``mmap=True`` keeps them as views of the files'
+    memory maps instead (no copy, pages read on first use); then the files must not change while
+    the model lives: editing one silently changes the weights, truncating one kills the process
+    with SIGBUS. ``fuse``: rewire the blocks to the fused kernels (``qpipeline.blocks``; default:
+    as the checkpoint's recipe says); ``model.fuse_report`` then says which blocks were fused.
 
     The model comes back in eval mode; ``model.load_seconds`` holds the time taken.
     """
     t0 = time.perf_counter()
     ckpt = Path(out_dir)
-    device = torch.device(device)
+    device = _usable_device(device)
     config = _read_config(ckpt)
+    _check_config(config, verify)
     where = _check_files(ckpt, config, verify)
     manifest, aliases = config["tensors"], config.get("aliases", {})
 
@@ -470,7 +776,7 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
             raise CheckpointError(f"{key} in {fname} is {_dtype_name(_ST_TO_TORCH[e['dtype']])} {e['shape']}, "
                                   f"{CONFIG_NAME} says {want['dtype']} {want['shape']}")
 
-    model = _build_skeleton(config["model"], skeleton)
+    model = _build_skeleton(config["model"], skeleton, ckpt)
     for name, spec in config["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -520,6 +826,9 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
     for key, (fname, _) in where.items():
         by_file.setdefault(fname, []).append(key)
     for fname, keys in by_file.items():
+        if device.type == "cpu" and not mmap:
+            state.update(_read_tensors(ckpt / fname, {k: where[k][1] for k in keys}, keys))
+            continue
         with safe_open(str(ckpt / fname), framework="pt", device=target) as f:
             for key in keys:
                 state[key] = f.get_tensor(key)
@@ -594,44 +903,58 @@ def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: t
         raise CheckpointError(f"no config.json at {cfg_path}")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object, not a {type(cfg).__name__}")
 
+    # the class is looked up in the installed library by name and must be one of its model
+    # classes: a config names data, never code to run
     if "_class_name" in cfg:
-        import diffusers
-
-        cls = getattr(diffusers, cfg["_class_name"], None)
-        if cls is None:
-            raise CheckpointError(f"diffusers has no model class {cfg['_class_name']!r} (diffusers {diffusers.__version__})")
-        build = lambda: cls.from_config(cfg)  # noqa: E731
+        name, library = cfg["_class_name"], "diffusers"
     elif cfg.get("architectures") and cfg.get("model_type"):
-        import transformers
-
-        cls = getattr(transformers, cfg["architectures"][0], None)
-        if cls is None:
-            raise CheckpointError(f"transformers has no model class {cfg['architectures'][0]!r}")
-        conf = transformers.AutoConfig.for_model(**cfg)
-        build = lambda: cls(conf)  # noqa: E731
+        archs, library = cfg["architectures"], "transformers"
+        name = archs[0] if isinstance(archs, list) else archs
     else:
         raise CheckpointError(f"{cfg_path} names neither a diffusers _class_name nor transformers architectures")
-
-    with params_on_meta():
-        model = build()
-    from safetensors import safe_open
+    if not isinstance(name, str) or not name.isidentifier():
+        raise CheckpointError(f"{cfg_path}: the model class must be a class name, got {name!r}")
+    lib = importlib.import_module(library)
+    cls = getattr(lib, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, _library_base(library))):
+        raise CheckpointError(f"{library} has no model class {name!r} ({library} {lib.__version__})")
+    try:
+        if library == "diffusers":
+            build = lambda: cls.from_config(cfg)  # noqa: E731
+        else:
+            conf = lib.AutoConfig.for_model(**cfg)
+            build = lambda: cls(conf)  # noqa: E731
+        with params_on_meta():
+            model = build()
+    except QKernelsError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot build {name} from {cfg_path}: {type(exc).__name__}: {exc}") from None
 
     expected = model.state_dict(keep_vars=True)
     state = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key not in expected:
-                    log.warning("ignoring %s in %s: the model has no such tensor", key, file.name)
-                    continue
-                t = f.get_tensor(key)
-                if list(t.shape) != list(expected[key].shape):
-                    raise CheckpointError(f"{key} in {file.name} has shape {list(t.shape)}, "
-                                          f"{cls.__name__} expects {list(expected[key].shape)}")
-                state[key] = t.to(dtype) if t.is_floating_point() else t
+        entries = _read_header(file)  # truncated, padded or mis-typed files are refused here
+        for key in entries:
+            if key not in expected:
+                log.warning("ignoring %s in %s: the model has no such tensor", key, file.name)
+                continue
+            want, e = expected[key], entries[key]
+            if list(e["shape"]) != list(want.shape):
+                raise CheckpointError(f"{key} in {file.name} has shape {list(e['shape'])}, "
+                                      f"{cls.__name__} expects {list(want.shape)}")
+            if _ST_TO_TORCH[e["dtype"]].is_floating_point != want.is_floating_point():
+                raise CheckpointError(f"{key} in {file.name} is {e['dtype']}, {cls.__name__} expects "
+                                      f"{'a floating-point' if want.is_floating_point() else 'an integer'} tensor")
+        keys = [k for k in entries if k in expected]
+        # read into memory the model owns (no memory map: see load_quantized's mmap)
+        for key, t in _read_tensors(file, entries, keys).items():
+            state[key] = t.to(dtype) if t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if hasattr(model, "tie_weights"):

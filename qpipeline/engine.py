@@ -23,13 +23,15 @@ server. After ``unload()`` the next ``generate`` loads again (and prints it).
 from __future__ import annotations
 
 import gc
+import math
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from qkernels.errors import CheckpointError, InputError
+from qkernels.capabilities import device_reason
+from qkernels.errors import BackendUnavailableError, CheckpointError, InputError
 
 from . import lora as qlora
 from .checkpoint import load_pretrained, load_quantized
@@ -68,11 +70,14 @@ class Engine:
         if quantize_text_encoder and quantize_text_encoder not in _TEXT_ENCODER_BACKENDS:
             raise InputError(f"quantize_text_encoder must be False, True or one of {', '.join(_TEXT_ENCODER_BACKENDS)}, "
                              f"got {quantize_text_encoder!r}")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if reason := device_reason(device):  # now, not as an AssertionError deep inside load()
+            raise BackendUnavailableError(f"Engine(device={str(device)!r}): {reason}")
         self.backend, self.recipe, self.dtype = backend, recipe, dtype
         self.quantized = Path(quantized) if quantized is not None else None
+        self.lora_scale = qlora._finite_scale(lora_scale, "lora_scale")
         self.lora = qlora._as_lora(lora) if lora is not None else None  # read and checked now, not mid-load
-        self.lora_scale = float(lora_scale)
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device
         self.text_encoder_backend = quantize_text_encoder or None
         self.pipeline = None
         self.report = None  # QuantReport of the transformer when quantized at load
@@ -171,6 +176,16 @@ class Engine:
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
+        for what, v in (("height", height), ("width", width)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 16):
+                raise InputError(f"{what} must be None or an integer >= 16 (pixels), got {v!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        if isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, (int, float)) \
+                or not math.isfinite(true_cfg_scale) or true_cfg_scale < 0:
+            raise InputError(f"true_cfg_scale must be a finite number >= 0, got {true_cfg_scale!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise InputError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
         with self._lock:
             self._load()
             extra = {}

@@ -19,6 +19,7 @@ is the failure this module exists to prevent.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from os import PathLike
@@ -71,18 +72,35 @@ def load_lora(path: str | PathLike) -> dict[str, torch.Tensor]:
         path = files[0]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such LoRA file")
+    pickle_name = path.suffix.lower() in _PICKLE_SUFFIXES
+    if not pickle_name:
+        # Parsing is the test: safetensors runs no code, and a valid file's first bytes are its
+        # header length, which can be any value (1 file in 32 starts with 0x80, a pickle's PROTO).
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            error = e
     with open(path, "rb") as f:
         head = f.read(8)
     # A pickle starts with PROTO (0x80); torch.save's zip format with "PK".
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
+    if pickle_name or head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
-            f"{path}: a pickle checkpoint; refusing to unpickle it (it can run arbitrary code). "
+            f"{path}: not safetensors but a pickle checkpoint; refusing to unpickle it (it can run arbitrary code). "
             "Convert it once, in a trusted environment, with safetensors.torch.save_file(torch.load(p), 'lora.safetensors')"
         )
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    raise CheckpointError(f"{path}: not a readable safetensors file ({error})")
+
+
+def _finite_scale(scale, what: str = "scale") -> float:
+    """``scale`` as a float; a NaN or infinite one would turn every output (and, merged, every
+    weight) into NaN/Inf."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) and not (
+            isinstance(scale, torch.Tensor) and scale.numel() == 1):
+        raise LoRAError(f"LoRA {what} must be a number, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise LoRAError(f"LoRA {what} must be finite, got {value}")
+    return value
 
 
 def _strip(key: str) -> str:
@@ -107,7 +125,10 @@ def parse_lora(state_dict: dict[str, torch.Tensor]) -> dict[str, LoRAWeights]:
                 raise LoRAError(f"LoRA has two {kind} matrices for {m['module']!r} (several adapters in one file?)")
             slot[kind] = t
         elif m := _ALPHA.match(k):
-            alphas[m["module"]] = float(t.float().reshape(-1)[0])
+            if not isinstance(t, torch.Tensor) or t.numel() != 1:
+                raise LoRAError(f"{key}: alpha must hold one number, got "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            alphas[m["module"]] = _finite_scale(t.float(), f"alpha {key}")
         else:
             unknown.append(key)
     if unknown:
@@ -119,18 +140,34 @@ def parse_lora(state_dict: dict[str, torch.Tensor]) -> dict[str, LoRAWeights]:
         raise LoRAError("LoRA modules without both A and B: " + ", ".join(sorted(incomplete + stray_alpha)))
     out = {}
     for module, p in parts.items():
-        A, B = p["A"], p["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise LoRAError(f"{module}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, K] and [N, r]")
-        out[module] = LoRAWeights(A, B, alphas.get(module))
+        out[module] = _checked(module, LoRAWeights(p["A"], p["B"], alphas.get(module)))
     return out
+
+
+def _checked(module: str, w: LoRAWeights) -> LoRAWeights:
+    A, B = w.A, w.B
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
+        raise LoRAError(f"{module}: A and B must be tensors")
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise LoRAError(f"{module}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, K] and [N, r]")
+    if A.shape[0] == 0:
+        raise LoRAError(f"{module}: rank 0 (A {tuple(A.shape)}): a LoRA needs rank >= 1")
+    if not (A.is_floating_point() and B.is_floating_point()) or min(A.element_size(), B.element_size()) < 2:
+        raise LoRAError(f"{module}: A and B must be 16/32-bit floats, got {A.dtype} and {B.dtype} (a LoRA cast "
+                        "to 8 bits has lost most of its precision)")
+    if w.alpha is not None:
+        _finite_scale(w.alpha, f"alpha of {module}")
+    # one pass over the (small) LoRA tensors: a NaN would reach every output of the layer
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise LoRAError(f"{module}: A or B holds NaN/Inf values")
+    return w
 
 
 def _as_lora(lora) -> dict[str, LoRAWeights]:
     if isinstance(lora, (str, PathLike)):
         lora = load_lora(lora)
     if isinstance(lora, dict) and lora and all(isinstance(v, LoRAWeights) for v in lora.values()):
-        return lora
+        return {name: _checked(name, w) for name, w in lora.items()}
     if not isinstance(lora, dict) or not lora:
         raise LoRAError("a LoRA is a path to a .safetensors file or a non-empty state dict")
     return parse_lora(lora)
@@ -165,6 +202,7 @@ def merge(model: nn.Module, lora, scale: float = 1.0) -> list[str]:
     half an ulp more than the exact sum). Call this *before* quantize_model. Returns the merged
     layer names. A target that is already a QuantLinear is refused (use apply_runtime).
     """
+    scale = _finite_scale(scale)
     lora = _as_lora(lora)
     targets = _resolve(model, lora)
     quantized = sorted(n for n, m in targets.items() if isinstance(m, QuantLinear))
@@ -177,11 +215,21 @@ def merge(model: nn.Module, lora, scale: float = 1.0) -> list[str]:
     meta = sorted(n for n, m in targets.items() if m.weight.device.type == "meta")
     if meta:
         raise LoRAError(f"cannot merge into layers on the meta device (weights not loaded): {', '.join(meta[:5])}")
-    for name, m in targets.items():
+    def merged(name, m):
         w = lora[name]
         dev = m.weight.device
         delta = (w.B.to(dev, torch.float32) @ w.A.to(dev, torch.float32)).mul_(scale * w.scale)
-        m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
+        return (m.weight.float() + delta).to(m.weight.dtype)
+
+    # Two passes, so a merge is whole or not at all without holding a second copy of every
+    # weight: the first only checks that no sum overflows the weight's dtype (fp16: 65504), the
+    # second writes. A LoRA is ~1% of a layer's FLOPs; merging is a one-off.
+    overflow = [n for n, m in targets.items() if not torch.isfinite(merged(n, m)).all()]
+    if overflow:
+        raise LoRAError(f"merging at scale {scale:g} overflows the weights' dtype in {', '.join(overflow[:5])}; "
+                        "nothing was merged")
+    for name, m in targets.items():
+        m.weight.copy_(merged(name, m))
     return sorted(targets)
 
 
@@ -194,6 +242,7 @@ def apply_runtime(model: nn.Module, lora, scale: float = 1.0, name: str = "defau
     merged into its weight when ``merge_unquantized`` (exact up to one rounding, and free at run
     time; not removable), else refused. Returns ``{"runtime": [...], "merged": [...]}``.
     """
+    scale = _finite_scale(scale)
     lora = _as_lora(lora)
     targets = _resolve(model, lora)
     plain = {n: m for n, m in targets.items() if not isinstance(m, QuantLinear)}
@@ -204,12 +253,17 @@ def apply_runtime(model: nn.Module, lora, scale: float = 1.0, name: str = "defau
     if taken:
         raise LoRAError(f"LoRA {name!r} is already attached to {', '.join(taken[:5])}")
     runtime = []
-    for n, m in targets.items():
-        if isinstance(m, QuantLinear):
-            w = lora[n]
-            m.add_lora(name, w.A, w.B, scale * w.scale, dtype=dtype)
-            runtime.append(n)
-    merged = merge(model, {n: lora[n] for n in plain}, scale) if plain else []
+    try:  # all or nothing: a refusal at the third layer detaches the first two
+        for n, m in targets.items():
+            if isinstance(m, QuantLinear):
+                w = lora[n]
+                m.add_lora(name, w.A, w.B, scale * w.scale, dtype=dtype)
+                runtime.append(n)
+        merged = merge(model, {n: lora[n] for n in plain}, scale) if plain else []
+    except BaseException:
+        for n in runtime:
+            targets[n].remove_lora(name)
+        raise
     return {"runtime": sorted(runtime), "merged": merged}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import time
 import warnings
@@ -20,8 +22,10 @@ import torch
 import torch.nn as nn
 
 from qkernels import QuantLinear, formats
+from qkernels.capabilities import device_reason
 from qkernels.errors import (
     BackendUnavailableError,
+    CheckpointError,
     QKernelsError,
     RecipeError,
     UnsupportedShapeError,
@@ -91,6 +95,8 @@ class QuantReport:
     @property
     def max_error(self) -> float | None:
         errs = [l.error for l in self.quantized if l.error is not None]
+        if any(math.isnan(e) for e in errs):
+            return float("nan")  # max() skips a NaN unless it comes first: a NaN layer must show
         return max(errs) if errs else None
 
     @property
@@ -136,6 +142,9 @@ class QuantReport:
     def totals_line(self) -> str:
         err = ("n/a" if self.max_error is None
                else f"max {self.max_error:.2e}, mean {self.mean_error:.2e}")
+        nan = [l.name for l in self.quantized if l.error is not None and math.isnan(l.error)]
+        if nan:
+            err += f" (NaN in {len(nan)} layer(s): {', '.join(nan[:5])}{', ...' if len(nan) > 5 else ''})"
         budget = ("" if self.error_budget is None else
                   f"; model output error {self.model_error:.2e} (max_error {self.error_budget:g})")
         return (f"{len(self.quantized)} of {len(self.layers)} Linear layers quantized; "
@@ -215,9 +224,14 @@ def _probe(k: int, dtype: torch.dtype, device: torch.device, stats) -> torch.Ten
     g = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
     x = torch.randn(PROBE_TOKENS, k, generator=g)
     if stats is not None:
-        # match the calibrated per-channel range, so a static scale sees inputs like its own
+        # Rows matched to the calibrated per-channel range, so a static scale sees inputs like its
+        # own; plus the unit-normal rows, which do not come from the statistics: statistics that
+        # are wrong (amax 1e-30: a scale that clips every real input, error 0.99) must not
+        # certify their own layer. One relative error over both sets: a range wider than unit
+        # scale dominates it, a collapsed one shows as the clipping of the unit rows.
         amax = stats.channel_amax.detach().float().cpu().clamp_min(1e-6)
-        x = (x * amax / 3).clamp(-amax, amax)
+        shaped = (torch.randn(PROBE_TOKENS, k, generator=g) * amax / 3).clamp(-amax, amax)
+        x = torch.cat([shaped, x])
     return x.to(device=device, dtype=dtype)
 
 
@@ -332,6 +346,8 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     if calibration is not None and not callable(getattr(calibration, "for_layer", None)):
         raise RecipeError(f"calibration must have a for_layer(name) method, got {type(calibration).__name__}")
     device = torch.device(device) if device is not None else None
+    if device is not None and (reason := device_reason(device)):
+        raise BackendUnavailableError(f"cannot quantize on {device}: {reason}")
     sites = _linear_sites(model)
     report = QuantReport(recipe=recipe.to_dict(), model_bytes_before=model_bytes(model))
     if device is not None:
@@ -447,6 +463,47 @@ def _load_cli_model(args, dtype):
     return model
 
 
+def _inside(path: Path, root: Path | None) -> bool:
+    return path is not None and root is not None and (path == root or path.is_relative_to(root))
+
+
+def _check_destinations(args) -> None:
+    """Everything the job will write, checked before a model is loaded or quantized: nothing
+    the user owns is overwritten, and a path that cannot be written fails now, not after an
+    hour of quantizing."""
+    from .checkpoint import check_destination, check_writable
+
+    out = Path(args.out).resolve()
+    model = Path(args.model).resolve() if args.model else None
+    config = Path(args.config).resolve() if args.config else None
+    if _inside(model, out):
+        raise _CLIError(f"--out {args.out} is or contains --model {args.model}: writing the checkpoint would "
+                        "replace the model")
+    try:
+        check_destination(args.out, args.overwrite)
+    except CheckpointError as exc:
+        raise _CLIError(f"--out: {exc}".replace("overwrite=True (--overwrite)", "--overwrite")) from None
+    if not args.report:
+        return
+    report = Path(args.report)
+    r = report.resolve()
+    for flag, root in (("--out", out), ("--model", model), ("--config", config)):
+        if _inside(r, root):
+            raise _CLIError(f"--report {args.report} lies inside {flag} {getattr(args, flag[2:])}: the report "
+                            "must not overwrite or add to it")
+    if report.is_dir():
+        raise _CLIError(f"--report {args.report} is a folder; give a file name such as report.json")
+    if report.exists() or report.is_symlink():
+        if not args.overwrite:
+            raise _CLIError(f"--report {args.report} already exists; pass --overwrite to replace it")
+        if report.is_symlink() or not report.is_file():
+            raise _CLIError(f"--report {args.report} is not a regular file")
+    try:
+        check_writable(report)
+    except CheckpointError as exc:
+        raise _CLIError(f"--report: {exc}") from None
+
+
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
     dtype = _DTYPES[args.dtype]
@@ -454,13 +511,12 @@ def _run(argv) -> int:
         device = torch.device(args.device)
     except RuntimeError:
         raise _CLIError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _CLIError("--device cuda, but torch sees no CUDA device")
+    if reason := device_reason(device):
+        raise _CLIError(f"--device {args.device}: {reason}")
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise _CLIError(f"--out {out} already exists; pass --overwrite to replace it")
     if args.config and not args.model:
         raise _CLIError("--config is for a single .safetensors --model")
+    _check_destinations(args)
 
     # Recipe first: a bad recipe or backend should fail before a large model is loaded.
     if args.recipe and args.recipe not in RECIPES:
@@ -518,8 +574,21 @@ def _run(argv) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a save in progress rolls back like on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m qpipeline.quantize``; returns the exit status."""
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(argv)
     except _CLIError as exc:
@@ -528,9 +597,20 @@ def main(argv: list[str] | None = None) -> int:
     except QKernelsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path of the user's (permissions, a full disk): one line, not a traceback
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; the output folder holds its previous content (or the finished checkpoint), "
+              "never a partial one", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("error: terminated (SIGTERM); the output folder holds its previous content (or the finished "
+              "checkpoint), never a partial one", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class Stack(nn.Module):
         return self.norm(x) + self.table
 
 
+ckmod.register_model_class(Stack)  # a plain module: checkpoints may name only registered classes
+
+
 @pytest.fixture(scope="module")
 def tiny_demo():
     """The tiny Qwen-Image demo, quantized with the qwen-image recipe, and its inputs/outputs."""
@@ -68,8 +71,8 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 def rewrite(ckpt: Path, edit_tensors=None, edit_config=None):
-    """Change the stored tensors / config, then re-record the shard's size and sha256, so that the
-    check under test is the one that must catch it (not the hash)."""
+    """Change the stored tensors / config, then re-record the shard's size and sha256 and the
+    config's checksum, so that the check under test is the one that must catch it (not a hash)."""
     path = ckpt / "model.safetensors"
     config = json.loads((ckpt / "quantization_config.json").read_text())
     if edit_tensors:
@@ -79,6 +82,7 @@ def rewrite(ckpt: Path, edit_tensors=None, edit_config=None):
                                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if edit_config:
         edit_config(config)
+    config["config_sha256"] = ckmod._config_digest(config)
     (ckpt / "quantization_config.json").write_text(json.dumps(config))
 
 

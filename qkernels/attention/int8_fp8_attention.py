@@ -7,7 +7,7 @@ doc); the CPU tests compare the two under TRITON_INTERPRET=1.
 Work at the model's shape ([1, 24, 8400, 128]): 4 * 24 * 8400^2 * 128 = 867 GFLOP, 0.44 ms at the
 8-bit dense peak (1979 TOP/s), 0.88 ms at bf16's; cuDNN bf16 took 1.35-1.44 ms on the H200
 (600-643 TFLOP/s). The quantization pass moves Q, K, V (3 x 51.6 MB bf16 read, 3 x 25.8 MB 8-bit
-written, plus two torch reductions reading K and V again): ~300 MB, ~75 us at 4 TB/s.
+written, plus a statistics kernel reading K and V once more): ~340 MB, ~85 us at 4 TB/s.
 
 Layouts written by the quantization pass, all padded with zeros to ``S_pad`` (a multiple of 128,
 the largest BLOCK_N / BLOCK_M), so the attention kernel's loads need no masks:
@@ -55,16 +55,42 @@ def _load_segments(x0_ptr, x1_ptr, b, h, rows, offs_d, S0, S,
 
 
 @triton.jit
+def _stats_kernel(
+    k0_ptr, k1_ptr, v0_ptr, v1_ptr, bias_ptr, ksum_ptr, vmax_ptr, count_ptr,
+    S0, S, H, S_PAD,
+    sk0_b, sk0_s, sk0_h, sk1_b, sk1_s, sk1_h, sv0_b, sv0_s, sv0_h, sv1_b, sv1_s, sv1_h,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per (batch, head): the sum of K and the abs-max of V over the attended keys (bias > -inf), and
+    their count, accumulated over BLOCK-token slices with atomics into zeroed [B*H, D] / [B*H]."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = tl.load(bias_ptr + b * S_PAD + rows, mask=rows < S_PAD, other=float("-inf")) > float("-inf")
+    k = _load_segments(k0_ptr, k1_ptr, b, h, rows, offs_d, S0, S, sk0_b, sk0_s, sk0_h, sk1_b, sk1_s, sk1_h)
+    v = _load_segments(v0_ptr, v1_ptr, b, h, rows, offs_d, S0, S, sv0_b, sv0_s, sv0_h, sv1_b, sv1_s, sv1_h)
+    k = tl.where(valid[:, None], k, 0.0)
+    v = tl.where(valid[:, None], tl.abs(v), 0.0)
+    tl.atomic_add(ksum_ptr + bh * HEAD_DIM + offs_d, tl.sum(k, axis=0))
+    tl.atomic_max(vmax_ptr + bh * HEAD_DIM + offs_d, tl.max(v, axis=0))
+    tl.atomic_add(count_ptr + bh, tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
 def _quantize_kernel(
-    x0_ptr, x1_ptr, stat_ptr, out_ptr, scale_ptr,
+    x0_ptr, x1_ptr, stat_ptr, count_ptr, bias_ptr, out_ptr, scale_ptr,
     S0, S, H, S_PAD,
     s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
     KIND: tl.constexpr, SCALE_MUL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
     SOFT_FP8: tl.constexpr,
 ):
     """BLOCK tokens of one head. KIND 0: Q (int8 per token, scale * SCALE_MUL); 1: K (minus its channel
-    mean ``stat``, int8 per token); 2: V (divided by its per-channel scale ``stat``, e4m3, stored
-    transposed)."""
+    mean ``stat / count``, int8 per token); 2: V (divided by its per-channel scale ``stat``, e4m3,
+    stored transposed; a masked key's V is stored as 0, so whatever it holds, inf or NaN included,
+    meets only P = 0)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -75,7 +101,8 @@ def _quantize_kernel(
     valid = (rows < S)[:, None]
     if KIND == 2:
         vs = tl.load(stat_ptr + bh * HEAD_DIM + offs_d)
-        v = tl.math.div_rn(x, vs[None, :])
+        attended = tl.load(bias_ptr + b * S_PAD + rows) > float("-inf")
+        v = tl.where(attended[:, None], tl.math.div_rn(x, vs[None, :]), 0.0)
         v = tl.minimum(tl.maximum(v, -448.0), 448.0)
         dst = out_ptr + bh * HEAD_DIM * S_PAD + offs_d[None, :] * S_PAD + rows[:, None]
         if SOFT_FP8:
@@ -84,7 +111,8 @@ def _quantize_kernel(
             tl.store(dst, v.to(tl.float8e4nv))
     else:
         if KIND == 1:
-            mean = tl.load(stat_ptr + bh * HEAD_DIM + offs_d)
+            n = tl.maximum(tl.load(count_ptr + bh), 1.0)
+            mean = tl.math.div_rn(tl.load(stat_ptr + bh * HEAD_DIM + offs_d), n)
             x = tl.where(valid, x - mean[None, :], 0.0)
         amax = tl.max(tl.abs(x), axis=1)  # per token
         scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, 127.0))
@@ -176,6 +204,7 @@ def _attention_kernel(
     tl.store(p1, out.to(o1_ptr.dtype.element_ty), mask=in1[:, None])
 
 
+_launch_stats = make_launcher(_stats_kernel)
 _launch_quantize = make_launcher(_quantize_kernel)
 _launch_attention = make_launcher(_attention_kernel)
 
@@ -189,7 +218,7 @@ def _bhsd_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _quantize(kind: int, x0, x1, stat, b: int, h: int, s0: int, s: int, d: int, scale_mul: float):
+def _quantize(kind: int, x0, x1, stat, count, bias, b: int, h: int, s0: int, s: int, d: int, scale_mul: float):
     s_pad = _pad(s)
     dev = x0.device
     if kind == 2:
@@ -200,48 +229,45 @@ def _quantize(kind: int, x0, x1, stat, b: int, h: int, s0: int, s: int, d: int, 
         out = torch.empty(b * h, s_pad, d, dtype=torch.int8, device=dev)
         out_arg = out
         scale = torch.empty(b * h, s_pad, dtype=torch.float32, device=dev)
-    block = 64  # tokens per program
     _launch_quantize(
-        (s_pad // block, b * h), (),
-        (x0, x1, stat, out_arg, scale, s0, s, h, s_pad, *_bhsd_strides(x0), *_bhsd_strides(x1)),
-        KIND=kind, SCALE_MUL=scale_mul, HEAD_DIM=d, BLOCK=block, SOFT_FP8=INTERPRET,
+        (s_pad // _QUANT_BLOCK, b * h), (),
+        (x0, x1, stat, count, bias, out_arg, scale, s0, s, h, s_pad, *_bhsd_strides(x0), *_bhsd_strides(x1)),
+        KIND=kind, SCALE_MUL=scale_mul, HEAD_DIM=d, BLOCK=_QUANT_BLOCK, SOFT_FP8=INTERPRET,
     )
     return out, scale
 
 
-def _seg_sum(x0, x1, dim: int) -> torch.Tensor:
-    """Sum over tokens of both segments in fp32 (no fp32 copy of either: the reduction accumulates
-    in fp32 as it reads)."""
-    total = x0.sum(dim=dim, dtype=torch.float32)
-    if x1 is not x0:
-        total = total + x1.sum(dim=dim, dtype=torch.float32)
-    return total
+_QUANT_BLOCK = 64  # tokens per program of the quantization kernels
+_STATS_BLOCK = 128  # tokens per program of the statistics kernel (~2 x 32 KB of K and V read)
 
 
-def _seg_absmax(x0, x1, dim: int) -> torch.Tensor:
-    lo, hi = torch.aminmax(x0, dim=dim)
-    amax = torch.maximum(hi.float(), -lo.float())
-    if x1 is not x0:
-        lo, hi = torch.aminmax(x1, dim=dim)
-        amax = torch.maximum(amax, torch.maximum(hi.float(), -lo.float()))
-    return amax
-
-
-def quantize_segments(q0, q1, k0, k1, v0, v1, sm_scale: float):
+def quantize_segments(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, sm_scale: float):
     """The quantization pass. Inputs [B, S_i, H, D] (D contiguous); segment 1 may be segment 0
-    itself with S0 = 0 meaning "one segment". Returns the kernel operands (see the module doc)."""
+    itself, meaning "one segment". ``bias``: the [B, SK_pad] key bias (statistics over attended keys
+    only: a masked key's values, however large, do not coarsen the grids). Returns the kernel
+    operands (see the module doc)."""
     b, sq1, h, d = q1.shape
-    one = q0 is q1
-    sq0 = 0 if one else q0.shape[1]
+    sq0 = 0 if q0 is q1 else q0.shape[1]
     sk0 = 0 if k0 is k1 else k0.shape[1]
     sq, sk = sq0 + sq1, sk0 + k1.shape[1]
-    # Per (batch, head) channel statistics over all tokens, [B, H, D] -> [B*H, D].
-    k_mean = (_seg_sum(k0, k1, 1) / sk).reshape(b * h, d).contiguous()
-    vmax = _seg_absmax(v0, v1, 1).reshape(b * h, d)
-    v_scale = torch.where(vmax == 0, 1.0, vmax / E4M3_MAX).contiguous()
-    q8, qs = _quantize(0, q0, q1, k_mean, b, h, sq0, sq, d, sm_scale * LOG2E)
-    k8, ks = _quantize(1, k0, k1, k_mean, b, h, sk0, sk, d, 1.0)
-    v8t, _ = _quantize(2, v0, v1, v_scale, b, h, sk0, sk, d, 1.0)
+    sk_pad = bias.shape[1]
+    dev = q1.device
+    # Per (batch, head) channel statistics over the attended keys: K's sum (its mean, for the
+    # smoothing: any vector would keep the result exact, the mean makes K's int8 grid finest) and
+    # V's abs-max, in one read of K and V.
+    ksum = torch.zeros(b * h, d, dtype=torch.float32, device=dev)
+    vmax = torch.zeros(b * h, d, dtype=torch.float32, device=dev)
+    count = torch.zeros(b * h, dtype=torch.float32, device=dev)
+    _launch_stats(
+        (sk_pad // _STATS_BLOCK, b * h), (),
+        (k0, k1, v0, v1, bias, ksum, vmax, count, sk0, sk, h, sk_pad, *_bhsd_strides(k0), *_bhsd_strides(k1),
+         *_bhsd_strides(v0), *_bhsd_strides(v1)),
+        HEAD_DIM=d, BLOCK=_STATS_BLOCK,
+    )
+    v_scale = torch.where(vmax == 0, 1.0, vmax / E4M3_MAX)
+    q8, qs = _quantize(0, q0, q1, ksum, count, bias, b, h, sq0, sq, d, sm_scale * LOG2E)
+    k8, ks = _quantize(1, k0, k1, ksum, count, bias, b, h, sk0, sk, d, 1.0)
+    v8t, _ = _quantize(2, v0, v1, v_scale, count, bias, b, h, sk0, sk, d, 1.0)
     return q8, qs, k8, ks, v8t, v_scale
 
 
@@ -249,7 +275,7 @@ def attention_8bit(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, o0, o1, sm_scale:
     """Attention of the joint sequence (segment 0 then segment 1) into ``o0`` / ``o1`` ([B, S_i, H, D]
     views). ``bias``: fp32 [B, SK_pad] (0 / -inf; -inf past Sk)."""
     b, _, h, d = q1.shape
-    q8, qs, k8, ks, v8t, vs = quantize_segments(q0, q1, k0, k1, v0, v1, sm_scale)
+    q8, qs, k8, ks, v8t, vs = quantize_segments(q0, q1, k0, k1, v0, v1, bias, sm_scale)
     sq0 = 0 if q0 is q1 else q0.shape[1]
     sq = sq0 + q1.shape[1]
     sq_pad, sk_pad = q8.shape[1], k8.shape[1]

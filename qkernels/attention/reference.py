@@ -3,7 +3,7 @@ step for step, so that tests can compare the two (and both against float64 atten
 
 SageAttention2's algorithm (Zhang et al., 2024), for one head:
 
-* K is smoothed by its channel mean over tokens, ``K' = K - mean(K)``. Exact for softmax: row i
+* K is smoothed by its channel mean over the attended tokens, ``K' = K - mean(K)``. Exact for softmax: row i
   of ``Q K'^T`` is row i of ``Q K^T`` minus the constant ``q_i . mean(K)``.
 * Q and K' are quantized to int8 per block of ``Q_BLOCK`` / ``K_BLOCK`` tokens (symmetric,
   scale = amax / 127, round half to even; an all-zero block gets scale 1). The blocks are single
@@ -16,7 +16,8 @@ SageAttention2's algorithm (Zhang et al., 2024), for one head:
 * online softmax over key blocks of ``BLOCK_N`` in fp32 with exp2: running max ``m``, running sum
   ``l`` of the unquantized ``p``;
 * ``P`` (<= 1 after the max subtraction) is quantized to e4m3 with the fixed scale 448 (e4m3's
-  largest normal), V to e4m3 per channel (scale = channel amax / 448 over the tokens);
+  largest normal), V to e4m3 per channel (scale = channel amax / 448 over the attended tokens;
+  a masked key's V is 0);
 * each block's ``P8 @ V8`` is a fresh fp32 dot added to the fp32 accumulator (rescaled by
   ``alpha``): accumulation across blocks is fp32 (fp16 accumulation is what turns Qwen-Image
   black with Triton SageAttention);
@@ -54,15 +55,22 @@ def _block_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
     return q.view(bh, nb * block, d)[:, :s], scale.repeat_interleave(block, dim=1)[:, :s]
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                 bias: torch.Tensor | None = None):
     """(q8, q_scale, k8, k_scale, v8, v_scale) of [B, H, S, D] inputs, flattened to [B*H, ...].
-    ``q_scale`` includes ``sm_scale * log2(e)``; ``v_scale`` is per (head, channel)."""
+    ``q_scale`` includes ``sm_scale * log2(e)``; ``v_scale`` is per (head, channel). ``bias``: the
+    [B, Sk] key bias; K's mean and V's abs-max are taken over the attended keys (bias > -inf)
+    only, and a masked key's V is stored as 0."""
     b, h, sq, d = q.shape
     sk = k.shape[2]
+    if bias is None:
+        bias = torch.zeros(b, sk, device=q.device)
+    attended = (bias > float("-inf")).repeat_interleave(h, dim=0)[:, :, None]  # [BH, Sk, 1]
     qf = q.float().reshape(b * h, sq, d)
     kf = k.float().reshape(b * h, sk, d)
-    vf = v.float().reshape(b * h, sk, d)
-    k_mean = kf.sum(dim=1, keepdim=True) / sk
+    vf = torch.where(attended, v.float().reshape(b * h, sk, d), 0.0)
+    n = attended.sum(dim=1).clamp(min=1).float()  # [BH, 1]
+    k_mean = (torch.where(attended, kf, 0.0).sum(dim=1) / n)[:, None, :]
     q8, q_scale = _block_int8(qf, Q_BLOCK)
     k8, k_scale = _block_int8(kf - k_mean, K_BLOCK)
     vmax = vf.abs().amax(dim=1)  # [BH, D]
@@ -90,8 +98,9 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     b, h, sq, d = q.shape
     sk = k.shape[2]
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, sm_scale)
-    bias = key_bias(attn_mask, b, sk, q.device).repeat_interleave(h, dim=0)  # [BH, Sk]
+    bias = key_bias(attn_mask, b, sk, q.device)
+    q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, sm_scale, bias)
+    bias = bias.repeat_interleave(h, dim=0)  # [BH, Sk]
     bh = b * h
     m_i = torch.full((bh, sq), float("-inf"), device=q.device)
     l_i = torch.zeros(bh, sq, device=q.device)

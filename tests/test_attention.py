@@ -348,3 +348,19 @@ def test_gpu_diffusers_processor_full_heads():
         err = rel_error(m(**inp)[0], ref)
     assert err_bf16 <= 2**-8
     assert err < E4M3_RMS / 2, err
+
+
+def test_benchmark_quick_runs(tmp_path):
+    """benchmarks.attention --quick: every variant has a row; the 8-bit rows' errors are in bound."""
+    import json
+
+    from benchmarks import attention as bench
+
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    names = {r["variant"] for r in rows}
+    assert {"qk-int8-fp8", "qk-int8-fp8-kernel", "model-qk-int8-fp8", "sdpa-cudnn", "model-native-ones"} <= names
+    for r in rows:
+        if r["variant"].startswith(("qk-int8", "model-qk-int8")):
+            assert r["status"] == "ok" and r["rel_error"] <= FP64_BOUND and r["cosine_min_head"] >= COS_BOUND, r
+    assert (tmp_path / "attention.png").exists()

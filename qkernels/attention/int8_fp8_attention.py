@@ -35,7 +35,7 @@ from ..triton._launch import next_power_of_2
 from ..triton._common import INTERPRET, INTERPRET_C, make_launcher, round_fp32_to_bf16_grid, soft_e4m3_bits
 from .reference import E4M3_MAX, LOG2E
 
-__all__ = ["quantize_segments", "attention_8bit", "CONFIGS", "PAD"]
+__all__ = ["quantize_segments", "attention_core", "attention_8bit", "CONFIGS", "PAD"]
 
 PAD = 128  # S is padded to a multiple of this (>= every BLOCK_M / BLOCK_N below)
 
@@ -271,18 +271,24 @@ def quantize_segments(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, sm_scale: floa
     return q8, qs, k8, ks, v8t, v_scale
 
 
-def attention_8bit(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, o0, o1, sm_scale: float) -> None:
-    """Attention of the joint sequence (segment 0 then segment 1) into ``o0`` / ``o1`` ([B, S_i, H, D]
-    views). ``bias``: fp32 [B, SK_pad] (0 / -inf; -inf past Sk)."""
-    b, _, h, d = q1.shape
-    q8, qs, k8, ks, v8t, vs = quantize_segments(q0, q1, k0, k1, v0, v1, bias, sm_scale)
-    sq0 = 0 if q0 is q1 else q0.shape[1]
-    sq = sq0 + q1.shape[1]
-    sq_pad, sk_pad = q8.shape[1], k8.shape[1]
+def attention_core(q8, qs, k8, ks, v8t, vs, bias: torch.Tensor, o0, o1, sq0: int, sq: int) -> None:
+    """The attention kernel on operands from :func:`quantize_segments`: queries [0, sq0) into
+    ``o0``, [sq0, sq) into ``o1`` ([B, S_i, H, D] views)."""
+    bh, sq_pad, d = q8.shape
+    h = o1.shape[2]
+    sk_pad = k8.shape[1]
     s_bucket = min(next_power_of_2(sk_pad), 32768)
     _launch_attention(
-        lambda meta: (sq_pad // meta["BLOCK_M"], b * h), (s_bucket, d),
+        lambda meta: (sq_pad // meta["BLOCK_M"], bh), (s_bucket, d),
         (q8, k8, v8t.view(torch.uint8) if INTERPRET else v8t, qs, ks, vs, bias, o0, o1,
          sq0, sq, h, sq_pad, sk_pad, s_bucket, *_bhsd_strides(o0), *_bhsd_strides(o1)),
         HEAD_DIM=d, SOFT_FP8=INTERPRET,
     )
+
+
+def attention_8bit(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, o0, o1, sm_scale: float) -> None:
+    """Attention of the joint sequence (segment 0 then segment 1) into ``o0`` / ``o1`` ([B, S_i, H, D]
+    views). ``bias``: fp32 [B, SK_pad] (0 / -inf; -inf past Sk)."""
+    ops = quantize_segments(q0, q1, k0, k1, v0, v1, bias, sm_scale)
+    sq0 = 0 if q0 is q1 else q0.shape[1]
+    attention_core(*ops, bias, o0, o1, sq0, sq0 + q1.shape[1])

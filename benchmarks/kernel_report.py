@@ -227,14 +227,21 @@ def _attention_rows(args, rows: list[dict]) -> None:
         rows.append(row)
         _progress(row)
     qjit = mod._quantize_kernel
-    for kind, name in ((0, "attention_quant_q"), (1, "attention_quant_k"), (2, "attention_quant_v")):
-        row = dict(bench="kernel", kernel=name, M=64, K=d, N="-", block_m=64, block_n="-", block_k=d,
+    strides = (ATTENTION_S * h * d, h * d, d)
+    for kind, name in ((0, "attention_quant_q"), (1, "attention_quant_k"), (2, "attention_quant_v"), (3, "attention_stats")):
+        block = mod._STATS_BLOCK if kind == 3 else mod._QUANT_BLOCK
+        row = dict(bench="kernel", kernel=name, M=block, K=d, N="-", block_m=block, block_n="-", block_k=d,
                    note=f"S={ATTENTION_S}")
-        qargs = (_tiny(bf16), _tiny(bf16), _tiny(f32), _tiny(e4 if kind == 2 else i8), _tiny(f32), 0, ATTENTION_S,
-                 h, s_pad, ATTENTION_S * h * d, h * d, d, ATTENTION_S * h * d, h * d, d)
         try:
-            compiled = qjit.warmup(*qargs, grid=(1,), KIND=kind, SCALE_MUL=0.1275, HEAD_DIM=d, BLOCK=64,
-                                   SOFT_FP8=False, num_warps=4)
+            if kind == 3:
+                sargs = (*[_tiny(bf16)] * 4, _tiny(f32), _tiny(f32), _tiny(f32), _tiny(f32), 0, ATTENTION_S, h, s_pad,
+                         *strides * 4)
+                compiled = mod._stats_kernel.warmup(*sargs, grid=(1,), HEAD_DIM=d, BLOCK=block, num_warps=4)
+            else:
+                qargs = (_tiny(bf16), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(e4 if kind == 2 else i8),
+                         _tiny(f32), 0, ATTENTION_S, h, s_pad, *strides, *strides)
+                compiled = qjit.warmup(*qargs, grid=(1,), KIND=kind, SCALE_MUL=0.1275, HEAD_DIM=d, BLOCK=block,
+                                       SOFT_FP8=False, num_warps=4)
             row.update(_describe(compiled, name), status="ok")
         except Exception as exc:
             row["status"] = harness.fmt_status(exc)

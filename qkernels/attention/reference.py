@@ -16,12 +16,13 @@ SageAttention2's algorithm (Zhang et al., 2024), for one head:
 * online softmax over key blocks of ``BLOCK_N`` in fp32 with exp2: running max ``m``, running sum
   ``l`` of the unquantized ``p``;
 * ``P`` (<= 1 after the max subtraction) is quantized to e4m3 with the fixed scale 448 (e4m3's
-  largest normal), V to e4m3 per channel (scale = channel amax / 448 over the attended tokens;
+  largest normal), folded into the exponent: ``p = 2^(t - m + log2 448)``, and ``l`` sums those,
+  so the scale cancels in ``acc / l``; V to e4m3 per channel (scale = channel amax / 448 over the attended tokens;
   a masked key's V is 0);
 * each block's ``P8 @ V8`` is a fresh fp32 dot added to the fp32 accumulator (rescaled by
   ``alpha``): accumulation across blocks is fp32 (fp16 accumulation is what turns Qwen-Image
   black with Triton SageAttention);
-* ``out = acc * v_scale / 448 / l``; a row whose keys are all masked has ``l = 0`` and gives 0.
+* ``out = acc * v_scale / l``; a row whose keys are all masked has ``l = 0`` and gives 0.
 
 Layouts here are the kernel's: q, k, v are [B, H, S, D] (any strides).
 """
@@ -40,6 +41,7 @@ K_BLOCK = 1  # tokens per K scale
 P_SCALE = 448.0  # e4m3 largest normal: P in [0, 1] -> [0, 448]
 E4M3_MAX = 448.0
 LOG2E = 1.4426950408889634
+LOG2_P_SCALE = math.log2(P_SCALE)
 
 
 def _block_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +115,15 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
         tq = t * qs[:, :, None]
         m_new = torch.maximum(m_i, tq.amax(dim=-1))
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
-        p = torch.exp2(tq - m_safe[..., None])
+        p = torch.exp2(tq - (m_safe - LOG2_P_SCALE)[..., None])  # P_SCALE * 2^(t - m), <= 448
         alpha = torch.exp2(m_i - m_safe)
         l_i = l_i * alpha + p.sum(dim=-1)
-        p8 = (p * P_SCALE).to(torch.float8_e4m3fn)
+        p8 = p.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
         pv = torch.bmm(p8.float(), v8[:, n0:n1].float())
         acc = acc * alpha[..., None] + pv
         m_i = m_new
     l_safe = torch.where(l_i == 0, 1.0, l_i)
-    out = acc * (vs / P_SCALE)[:, None, :] / l_safe[..., None]
+    out = acc * vs[:, None, :] / l_safe[..., None]
     return out.view(b, h, sq, d).to(q.dtype)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkernels import formats
+from qkernels.attention import MODES as _ATTENTION_MODES
 from qkernels.errors import QKernelsError, RecipeError
 from qkernels.registry import get_backend
 
@@ -55,6 +56,10 @@ class Recipe:
     min_features: int = 16
     max_error: float | None = None  # error budget on the model's output (relative, vs high precision); qpipeline.sensitivity
     name: str | None = None
+    # "int8-fp8" | "bf16": qkernels.attention for the model's joint attention (Qwen-Image); None keeps
+    # the model's own. Optional within version 1: left out of the JSON when None, so such files
+    # read as before everywhere.
+    attention: str | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -98,6 +103,8 @@ class Recipe:
             self.smoothquant_alpha = float(a)
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
             raise RecipeError(f"min_features must be a non-negative integer, got {self.min_features!r}")
+        if self.attention is not None and self.attention not in _ATTENTION_MODES:
+            raise RecipeError(f"attention must be one of {', '.join(_ATTENTION_MODES)} or null, got {self.attention!r}")
         if self.max_error is not None:
             e = self.max_error
             if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
@@ -119,6 +126,8 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["rules"] = [list(r) for r in self.rules]
+        if d["attention"] is None:
+            del d["attention"]
         return {"version": d.pop("version"), **d}
 
     @classmethod

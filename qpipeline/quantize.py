@@ -310,6 +310,10 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     high-precision model, on ``inputs``: a list of kwargs dicts / arg tuples / tensors; generated
     for a Qwen-Image transformer when omitted). The layers whose quantization costs most are kept
     in high precision until the output is within the budget; see :mod:`qpipeline.sensitivity`.
+
+    ``recipe.attention``: "int8-fp8" or "bf16" gives the model's Qwen-Image joint attention
+    qkernels' processor (``qkernels.attention.diffusers_plugin.set_attention``); a model without
+    that attention raises InputError.
     """
     t0 = time.perf_counter()
     recipe = as_recipe(recipe_or_backend_name)
@@ -359,6 +363,10 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     for i, (pattern, backend) in enumerate(recipe.rules):
         if i not in used_rules:
             warnings.warn(f"recipe rule {i} ({pattern!r} -> {backend}) matched no Linear layer", stacklevel=2)
+    if recipe.attention is not None:  # the joint attention's kernel (qkernels.attention); no weights change
+        from qkernels.attention.diffusers_plugin import set_attention
+
+        set_attention(model, recipe.attention)
     report.model_bytes_after = model_bytes(model)
     report.seconds = time.perf_counter() - t0
     return report
@@ -397,6 +405,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=float, help="error budget: keep the most sensitive layers in high precision "
                    "until the model's output is within this relative error of the unquantized model's (e.g. 0.02), "
                    "measured on generated inputs (Qwen-Image models)")
+    p.add_argument("--attention", choices=["int8-fp8", "bf16"],
+                   help="the joint attention's kernel (Qwen-Image): int8-fp8 (qkernels.attention) or bf16 SDPA; "
+                        "recorded in the recipe")
     p.add_argument("--out", default="out/quantized", help="output folder (default out/quantized)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--report", help="also write the per-layer report as JSON here")
@@ -458,6 +469,8 @@ def _run(argv) -> int:
         changes["activation"] = args.activation
     if args.max_error is not None:
         changes["max_error"] = args.max_error
+    if args.attention:
+        changes["attention"] = args.attention
     recipe = recipe.replace(**changes)  # validates
     resolve_backend(recipe.backend, device, format=recipe.format)  # can it run here at all?
 

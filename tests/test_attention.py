@@ -364,3 +364,66 @@ def test_benchmark_quick_runs(tmp_path):
         if r["variant"].startswith(("qk-int8", "model-qk-int8")):
             assert r["status"] == "ok" and r["rel_error"] <= FP64_BOUND and r["cosine_min_head"] >= COS_BOUND, r
     assert (tmp_path / "attention.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# qpipeline: recipe key, quantize_model / CLI, Engine
+
+
+def test_recipe_attention_key_round_trip():
+    from qkernels import RecipeError
+    from qpipeline.recipe import Recipe, get_recipe
+
+    r = get_recipe("qwen-image")
+    assert r.attention is None and "attention" not in r.to_dict()  # version-1 files unchanged
+    r8 = r.replace(attention="int8-fp8")
+    assert Recipe.from_json(r8.to_json()) == r8 and r8.to_dict()["attention"] == "int8-fp8"
+    with pytest.raises(RecipeError, match="attention"):
+        r.replace(attention="fp4")
+
+
+def test_quantize_model_and_cli_set_the_attention(tmp_path):
+    pytest.importorskip("diffusers")
+    from qpipeline import quantize as qmod
+    from qpipeline import quantize_model
+    from qpipeline.recipe import get_recipe
+
+    from qkernels.attention.diffusers_plugin import QKernelsQwenAttnProcessor
+
+    m = _small_transformer(device="cpu")
+    report = quantize_model(m, get_recipe("qwen-image").replace(backend="int8-torch", attention="bf16"))
+    proc = m.transformer_blocks[0].attn.processor
+    assert isinstance(proc, QKernelsQwenAttnProcessor) and proc.mode == "bf16"
+    assert report.recipe["attention"] == "bf16"
+    with pytest.raises(InputError, match="double-stream"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(32, 32)), get_recipe("generic").replace(
+            backend="int8-torch", attention="int8-fp8"))
+    # the CLI flag reaches the recipe (and an unknown value is refused by argparse)
+    folder = tmp_path / "pipe"
+    _small_transformer(device="cpu").save_pretrained(folder / "transformer")
+    assert qmod.main(["--model", str(folder), "--out", str(tmp_path / "q"), "--device", "cpu", "--backend",
+                      "int8-torch", "--attention", "int8-fp8", "--report", str(tmp_path / "r.json")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["recipe"]["attention"] == "int8-fp8"
+    try:
+        code = qmod.main(["--attention", "fp4", "--out", str(tmp_path / "q2")])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and not (tmp_path / "q2").exists()
+
+
+def test_engine_attention_kwarg(tmp_path):
+    pytest.importorskip("diffusers")
+    from qpipeline.engine import Engine
+
+    from .tiny_pipeline import save_pipeline
+
+    save_pipeline(tmp_path)
+    with pytest.raises(InputError, match="attention"):
+        Engine(tmp_path, backend="bf16", device="cpu", attention="fp4")
+    engine = Engine(tmp_path, backend="bf16", device="cpu", attention="bf16").load()
+    from qkernels.attention.diffusers_plugin import QKernelsQwenAttnProcessor
+
+    procs = [mod.processor for mod in engine.transformer.modules() if hasattr(mod, "processor")]
+    assert procs and all(isinstance(p, QKernelsQwenAttnProcessor) and p.mode == "bf16" for p in procs)

@@ -160,6 +160,22 @@ def test_joint_segments_equal_concatenation():
     assert torch.equal(o[:, :40], o_txt) and torch.equal(o[:, 40:], o_img)
 
 
+def test_op_declaration():
+    """The torch.library op: schema, fake (shape-only) implementation and the real one agree."""
+    from qkernels.attention.ops import int8_fp8_attention
+
+    b, h, d = 1, 1, 64
+    seg = [torch.randn(b, n, h, d, device=DEV).bfloat16() for n in (16, 16, 16, 48, 48, 48)]
+    bias = torch.zeros(b, 128, device=DEV)
+    bias[:, 64:] = float("-inf")
+    torch.library.opcheck(int8_fp8_attention.torch_op, (*seg, bias, 0.125),
+                          test_utils=("test_schema", "test_faketensor"))
+    o0, o1 = int8_fp8_attention.torch_op(*seg, bias, 0.125)
+    r0, r1 = int8_fp8_attention.reference(*seg, bias, 0.125)
+    assert o0.shape == r0.shape and o1.shape == r1.shape
+    assert rel_error(torch.cat([o0, o1], 1), torch.cat([r0, r1], 1)) <= 2**-8
+
+
 def test_strided_inputs_equal_contiguous():
     q, k, v = inputs(1, 2, 96, 64)
     qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] memory

@@ -87,45 +87,34 @@ def _key_bias(attn_mask: torch.Tensor | None, b: int, sk: int, sk_pad: int, devi
     return bias
 
 
-def _interpreted() -> bool:
-    from ..triton._common import INTERPRET
-
-    return INTERPRET
-
-
 def joint_attention(q0: torch.Tensor | None, k0: torch.Tensor | None, v0: torch.Tensor | None,
                     q1: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor,
-                    attn_mask: torch.Tensor | None = None, scale: float | None = None,
-                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                    attn_mask: torch.Tensor | None = None, scale: float | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """int8-fp8 attention over the joint sequence [segment 0; segment 1], inputs [B, S_i, H, D]
     (any strides with D contiguous; segment 0 may be None). Returns (o0, o1), [B, S_i, H, D] each,
     written by the kernel with no concatenation or split copy. ``attn_mask``: a key-padding mask over
-    the joint keys ([B, S0 + S1] or [B, 1, 1, S0 + S1], bool or additive)."""
-    from .int8_fp8_attention import PAD, attention_8bit
+    the joint keys ([B, S0 + S1] or [B, 1, 1, S0 + S1], bool or additive).
+
+    CUDA: the Triton kernel; elsewhere the PyTorch reference of the same arithmetic (slow; the kernel
+    under TRITON_INTERPRET=1)."""
+    from .int8_fp8_attention import PAD
+    from .ops import int8_fp8_attention
 
     _check_qkv(q1, k1, v1, "bshd")
-    if q0 is None:
-        q0, k0, v0 = q1, k1, v1
+    single = q0 is None
+    if single:
+        q0, k0, v0 = q1[:, :0], k1[:, :0], v1[:, :0]  # an empty segment 0: same strides, no tokens
     else:
         _check_qkv(q0, k0, v0, "bshd")
         if q0.shape[0] != q1.shape[0] or q0.shape[2:] != q1.shape[2:] or q0.dtype != q1.dtype:
             raise InputError(f"the two segments differ in batch, heads, head dim or dtype: {tuple(q0.shape)} "
                              f"{q0.dtype} vs {tuple(q1.shape)} {q1.dtype}")
-    if q1.device.type != "cuda" and not _interpreted():
-        raise InputError(f"the int8-fp8 attention kernel needs CUDA tensors, got {q1.device} (mode='bf16' runs "
-                         "anywhere)")
     b, _, h, d = q1.shape
-    sk = (0 if k0 is k1 else k0.shape[1]) + k1.shape[1]
-    sk_pad = -(-sk // PAD) * PAD
-    bias = _key_bias(attn_mask, b, sk, sk_pad, q1.device)
-    if out is None:
-        o1 = torch.empty(q1.shape, dtype=q1.dtype, device=q1.device)
-        o0 = o1 if q0 is q1 else torch.empty(q0.shape, dtype=q0.dtype, device=q0.device)
-    else:
-        o0, o1 = out
-    sm_scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    attention_8bit(q0, q1, k0, k1, v0, v1, bias, o0, o1, sm_scale)
-    return (None if q0 is q1 else o0), o1
+    sk = k0.shape[1] + k1.shape[1]
+    bias = _key_bias(attn_mask, b, sk, -(-sk // PAD) * PAD, q1.device)
+    o0, o1 = int8_fp8_attention(q0, k0, v0, q1, k1, v1, bias, scale if scale is not None else 1.0 / math.sqrt(d))
+    return (None if single else o0), o1
 
 
 def _bf16_sdpa(q, k, v, attn_mask, scale):
@@ -165,7 +154,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
 
     ``mode="int8-fp8"``: the quantized Triton kernel (bf16/fp16 inputs, head dim 64 or 128, a
     key-padding mask, no causal mask); ``mode="bf16"``: torch SDPA, cuDNN first on Hopper.
-    A row whose keys are all masked gives zeros (torch SDPA gives NaN there in bf16 mode)."""
+    A row whose keys are all masked gives zeros (torch SDPA gives NaN there in bf16 mode). The
+    int8-fp8 result is a [B, H, S, D] view of a [B, S, H, D]-contiguous tensor."""
     _check_mode(mode)
     if is_causal:
         raise UnsupportedShapeError("causal attention is not supported: the kernels are for diffusion transformers "
@@ -173,9 +163,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     if mode == "bf16":
         return _bf16_sdpa(q, k, v, attn_mask, scale)
     _check_qkv(q, k, v, "bhsd")
-    # [B, H, S, D] -> the kernel's [B, S, H, D] view: a transpose, no copy.
+    # [B, H, S, D] -> the kernel's [B, S, H, D] view: a transpose, no copy. The result is a
+    # [B, H, S, D] view of the kernel's [B, S, H, D] output (the layout an out-projection reads).
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ot = out.transpose(1, 2)
-    joint_attention(None, None, None, qt, kt, vt, attn_mask, scale, out=(ot, ot))
-    return out
+    return joint_attention(None, None, None, qt, kt, vt, attn_mask, scale)[1].transpose(1, 2)

@@ -247,13 +247,12 @@ _STATS_BLOCK = 64  # tokens per program of the statistics kernel (128 spills at 
 
 
 def quantize_segments(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, sm_scale: float):
-    """The quantization pass. Inputs [B, S_i, H, D] (D contiguous); segment 1 may be segment 0
-    itself, meaning "one segment". ``bias``: the [B, SK_pad] key bias (statistics over attended keys
+    """The quantization pass. Inputs [B, S_i, H, D] (D contiguous; segment 0 may have 0 tokens).
+    ``bias``: the [B, SK_pad] key bias (statistics over attended keys
     only: a masked key's values, however large, do not coarsen the grids). Returns the kernel
     operands (see the module doc)."""
     b, sq1, h, d = q1.shape
-    sq0 = 0 if q0 is q1 else q0.shape[1]
-    sk0 = 0 if k0 is k1 else k0.shape[1]
+    sq0, sk0 = q0.shape[1], k0.shape[1]
     sq, sk = sq0 + sq1, sk0 + k1.shape[1]
     sk_pad = bias.shape[1]
     dev = q1.device
@@ -291,9 +290,13 @@ def attention_core(q8, qs, k8, ks, v8t, vs, bias: torch.Tensor, o0, o1, sq0: int
     )
 
 
-def attention_8bit(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, o0, o1, sm_scale: float) -> None:
-    """Attention of the joint sequence (segment 0 then segment 1) into ``o0`` / ``o1`` ([B, S_i, H, D]
-    views). ``bias``: fp32 [B, SK_pad] (0 / -inf; -inf past Sk)."""
+def attention_8bit(q0, k0, v0, q1, k1, v1, bias: torch.Tensor, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the joint sequence (segment 0 then segment 1; [B, S_i, H, D] views, segment 0
+    possibly empty): (o0, o1), new [B, S_i, H, D] tensors. ``bias``: fp32 [B, SK_pad] (0 / -inf;
+    -inf past Sk). The "cuda" implementation of ``qkernels.attention.ops.int8_fp8_attention``."""
+    o0 = torch.empty(q0.shape, dtype=q0.dtype, device=q0.device)
+    o1 = torch.empty(q1.shape, dtype=q1.dtype, device=q1.device)
     ops = quantize_segments(q0, q1, k0, k1, v0, v1, bias, sm_scale)
-    sq0 = 0 if q0 is q1 else q0.shape[1]
+    sq0 = q0.shape[1]
     attention_core(*ops, bias, o0, o1, sq0, sq0 + q1.shape[1])
+    return o0, o1

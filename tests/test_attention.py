@@ -443,3 +443,30 @@ def test_engine_attention_kwarg(tmp_path):
 
     procs = [mod.processor for mod in engine.transformer.modules() if hasattr(mod, "processor")]
     assert procs and all(isinstance(p, QKernelsQwenAttnProcessor) and p.mode == "bf16" for p in procs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,kind", [("int8-fp8", "ulysses"), ("int8-fp8", "ring")])
+def test_context_parallel_two_cpu_processes(mode, kind, tmp_path):
+    """diffusers' context parallelism over 2 gloo processes on CPU (the int8-fp8 op runs its PyTorch
+    reference there): Ulysses gives the single-process output (each rank attends its heads over the
+    full sequence: the same per-head arithmetic); ring attention is refused with the reason."""
+    pytest.importorskip("diffusers")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    port = 29500 + (os.getpid() + hash(mode + kind)) % 400
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), str(root / "tests" / "cp_attention_worker.py"), mode, kind],
+                       capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line is not None, r.stdout[-2000:] + r.stderr[-3000:]
+    if kind == "ulysses":
+        assert " ok " in line and float(line.split("rel_error=")[1]) <= 2**-8, line
+    else:
+        assert "log-sum-exp" in line, line

@@ -122,6 +122,13 @@ def _bf16_sdpa(q, k, v, attn_mask, scale):
     cuDNN first on Hopper: 601-643 TFLOP/s at [1, 24, 8400, 128] on the H200 against flash's
     327-357 (benchmarks/results/h200/probe-attention-peers.json)."""
     if q.is_cuda and _cudnn_first(q.device):
+        if attn_mask is None and q.dtype in _DTYPES:
+            # cuDNN's op directly: no SDPA backend selection or context manager on the host path
+            try:
+                return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False,
+                                                                           scale=scale)[0]
+            except RuntimeError:  # a shape or layout cuDNN refuses: SDPA's own choice below
+                pass
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(_CUDNN_ORDER, set_priority=True):

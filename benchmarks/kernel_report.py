@@ -183,6 +183,8 @@ def run(args, rows: list[dict]) -> list[dict]:
                             row["status"] = harness.fmt_status(exc)
                         rows.append(row)
                         _progress(row)
+        if not only or "attention" in only:
+            _attention_rows(args, rows)
         if only and "fp8_gemm_tma" not in only:
             return rows
         for k, n in shapes:
@@ -201,6 +203,56 @@ def run(args, rows: list[dict]) -> list[dict]:
                     rows.append(row)
                     _progress(row)
     return rows
+
+
+# qkernels.attention's int8-fp8 attention kernel at the model's shape (24 heads of 128; the
+# sequence length only enters as a runtime int): M = the query block, N = the key block, K = D.
+ATTENTION_S = 8400
+
+
+def _attention_rows(args, rows: list[dict]) -> None:
+    mod = importlib.import_module("qkernels.attention.int8_fp8_attention")
+    jit = mod._attention_kernel.fn  # Autotuner -> JITFunction
+    i8, e4, f32, bf16 = torch.int8, torch.float8_e4m3fn, torch.float32, torch.bfloat16
+    s_pad = -(-ATTENTION_S // mod.PAD) * mod.PAD
+    d, h = 128, 24
+    targs = (_tiny(i8), _tiny(i8), _tiny(e4), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(bf16),
+             _tiny(bf16), 0, ATTENTION_S, h, s_pad, s_pad, 16384, ATTENTION_S * h * d, h * d, d,
+             ATTENTION_S * h * d, h * d, d)
+    for config in mod._attention_kernel.configs:
+        c = config.kwargs
+        row = dict(bench="kernel", kernel="attention_int8_fp8", M=c["BLOCK_M"], K=d, N=c["BLOCK_N"],
+                   block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], block_k=d, group_m=None,
+                   note=f"S={ATTENTION_S}, {h} heads of {d}")
+        try:
+            compiled = jit.warmup(*targs, grid=(1,), HEAD_DIM=d, SOFT_FP8=False, **c,
+                                  num_warps=config.num_warps, num_stages=config.num_stages)
+            row.update(_describe(compiled, "attention_int8_fp8"), status="ok")
+        except Exception as exc:
+            row["status"] = harness.fmt_status(exc)
+        rows.append(row)
+        _progress(row)
+    qjit = mod._quantize_kernel
+    strides = (ATTENTION_S * h * d, h * d, d)
+    for kind, name in ((0, "attention_quant_q"), (1, "attention_quant_k"), (2, "attention_quant_v"), (3, "attention_stats")):
+        block = mod._STATS_BLOCK if kind == 3 else mod._QUANT_BLOCK
+        row = dict(bench="kernel", kernel=name, M=block, K=d, N="-", block_m=block, block_n="-", block_k=d,
+                   note=f"S={ATTENTION_S}")
+        try:
+            if kind == 3:
+                sargs = (*[_tiny(bf16)] * 4, _tiny(f32), _tiny(f32), _tiny(f32), _tiny(f32), 0, ATTENTION_S, h, s_pad,
+                         *strides * 4)
+                compiled = mod._stats_kernel.warmup(*sargs, grid=(1,), HEAD_DIM=d, BLOCK=block, num_warps=4)
+            else:
+                qargs = (_tiny(bf16), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(e4 if kind == 2 else i8),
+                         _tiny(f32), 0, ATTENTION_S, h, s_pad, *strides, *strides)
+                compiled = qjit.warmup(*qargs, grid=(1,), KIND=kind, SCALE_MUL=0.1275, HEAD_DIM=d, BLOCK=block,
+                                       SOFT_FP8=False, num_warps=4)
+            row.update(_describe(compiled, name), status="ok")
+        except Exception as exc:
+            row["status"] = harness.fmt_status(exc)
+        rows.append(row)
+        _progress(row)
 
 
 def _progress(row: dict) -> None:
@@ -223,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="K=3072 N=12288 only, M in 16,8192")
     p.add_argument("--shapes", default=None, help="comma list of KxN")
     p.add_argument("--m", default=None, help="comma list of M values (each picks its autotune bucket's configs)")
-    p.add_argument("--only", default=None, help=f"comma list of kernels: {','.join(GEMMS)},fp8_gemm_tma")
+    p.add_argument("--only", default=None, help=f"comma list of kernels: {','.join(GEMMS)},fp8_gemm_tma,attention")
     return p
 
 

@@ -864,7 +864,12 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
         if isinstance(m, QuantLinear):
             m.set_backend(backend if backend != "auto" and get_backend(backend).format == m.format else "auto")
     model.eval().requires_grad_(False)
-    if fuse if fuse is not None else bool((config.get("recipe") or {}).get("fuse")):
+    recipe = config.get("recipe") or {}
+    if recipe.get("attention"):  # the joint attention's kernel the checkpoint was made for
+        from qkernels.attention.diffusers_plugin import set_attention
+
+        set_attention(model, recipe["attention"])
+    if fuse if fuse is not None else bool(recipe.get("fuse")):
         from .blocks import fuse_model
 
         model.fuse_report = fuse_model(model)

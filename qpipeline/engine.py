@@ -53,11 +53,13 @@ class Engine:
     and ``proj_out`` stay bf16). ``quantize_text_encoder``: False, True (``int8-layerwise``) or
     ``"fp8-layerwise"``: weight-only 8-bit storage for the text encoder's Linear layers, which
     halves its memory at the cost of a per-layer upcast (it runs once per prompt, not per step).
+    ``attention``: None (the model's own), "int8-fp8" or "bf16": qkernels' processor for the
+    transformer's joint attention, set after loading.
     """
 
     def __init__(self, model_dir, backend: str = "auto", quantized=None, lora=None, lora_scale: float = 1.0,
                  device=None, quantize_text_encoder: bool | str = False, *, recipe: str = "qwen-image",
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, attention: str | None = None):
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "model_index.json").is_file():
             raise CheckpointError(f"{self.model_dir} is not a diffusers pipeline folder (no model_index.json)")
@@ -73,6 +75,11 @@ class Engine:
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if reason := device_reason(device):  # now, not as an AssertionError deep inside load()
             raise BackendUnavailableError(f"Engine(device={str(device)!r}): {reason}")
+        from qkernels.attention import MODES as attention_modes
+
+        if attention is not None and attention not in attention_modes:
+            raise InputError(f"attention must be None or one of {', '.join(attention_modes)}, got {attention!r}")
+        self.attention = attention
         self.backend, self.recipe, self.dtype = backend, recipe, dtype
         self.quantized = Path(quantized) if quantized is not None else None
         self.lora_scale = qlora._finite_scale(lora_scale, "lora_scale")
@@ -110,6 +117,10 @@ class Engine:
 
         t0 = time.perf_counter()
         transformer = self._load_transformer()
+        if self.attention is not None:
+            from qkernels.attention.diffusers_plugin import set_attention
+
+            set_attention(transformer, self.attention)
         t_transformer = time.perf_counter() - t0
         # Every other component from the pipeline folder; transformer=None: its weights are not read.
         pipe = DiffusionPipeline.from_pretrained(str(self.model_dir), transformer=None, torch_dtype=self.dtype,

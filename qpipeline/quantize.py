@@ -335,6 +335,9 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     ``fuse`` (default: the recipe's ``fuse``): afterwards rewire the blocks an adapter knows to
     the fused kernels (:func:`qpipeline.blocks.fuse_model`); ``report.fuse`` says which were
     fused and why the others were not.
+    ``recipe.attention``: "int8-fp8" or "bf16" gives the model's Qwen-Image joint attention
+    qkernels' processor (``qkernels.attention.diffusers_plugin.set_attention``); a model without
+    that attention raises InputError.
     """
     t0 = time.perf_counter()
     recipe = as_recipe(recipe_or_backend_name)
@@ -388,6 +391,10 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
     for i, (pattern, backend) in enumerate(recipe.rules):
         if i not in used_rules:
             warnings.warn(f"recipe rule {i} ({pattern!r} -> {backend}) matched no Linear layer", stacklevel=2)
+    if recipe.attention is not None:  # the joint attention's kernel (qkernels.attention); no weights change
+        from qkernels.attention.diffusers_plugin import set_attention
+
+        set_attention(model, recipe.attention)
     report.model_bytes_after = model_bytes(model)
     if recipe.fuse:
         from .blocks import fuse_model
@@ -433,6 +440,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true", help="record in the checkpoint that its blocks run fused "
                    "(norm + modulate + quant, q|k|v as one GEMM, epilogues; qpipeline.blocks): load_quantized "
                    "then fuses them, and the report says which blocks can be")
+    p.add_argument("--attention", choices=["int8-fp8", "bf16"],
+                   help="the joint attention's kernel (Qwen-Image): int8-fp8 (qkernels.attention) or bf16 SDPA; "
+                        "recorded in the recipe")
     p.add_argument("--out", default="out/quantized", help="output folder (default out/quantized)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--report", help="also write the per-layer report as JSON here")
@@ -536,6 +546,8 @@ def _run(argv) -> int:
         changes["max_error"] = args.max_error
     if args.fuse:
         changes["fuse"] = True
+    if args.attention:
+        changes["attention"] = args.attention
     recipe = recipe.replace(**changes)  # validates
     resolve_backend(recipe.backend, device, format=recipe.format)  # can it run here at all?
 

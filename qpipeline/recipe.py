@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkernels import formats
+from qkernels.attention import MODES as _ATTENTION_MODES
 from qkernels.errors import QKernelsError, RecipeError
 from qkernels.registry import get_backend
 
@@ -58,6 +59,10 @@ class Recipe:
     # (qpipeline.blocks); a block that cannot be fused stays as it is, with the reason reported
     fuse: bool = False
     name: str | None = None
+    # "int8-fp8" | "bf16": qkernels.attention for the model's joint attention (Qwen-Image); None keeps
+    # the model's own. Optional within version 1: left out of the JSON when None, so such files
+    # read as before everywhere.
+    attention: str | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -103,6 +108,8 @@ class Recipe:
             raise RecipeError(f"min_features must be a non-negative integer, got {self.min_features!r}")
         if not isinstance(self.fuse, bool):
             raise RecipeError(f"fuse must be true or false, got {self.fuse!r}")
+        if self.attention is not None and self.attention not in _ATTENTION_MODES:
+            raise RecipeError(f"attention must be one of {', '.join(_ATTENTION_MODES)} or null, got {self.attention!r}")
         if self.max_error is not None:
             e = self.max_error
             if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
@@ -124,6 +131,8 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["rules"] = [list(r) for r in self.rules]
+        if d["attention"] is None:
+            del d["attention"]
         return {"version": d.pop("version"), **d}
 
     @classmethod

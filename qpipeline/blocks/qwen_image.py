@@ -23,9 +23,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
-from qkernels import formats
+from qkernels import attention, formats
 from qkernels.backends.triton_backends import kernels_for
 from qkernels.linear import QuantizedActivation, QuantLinear
 from qkernels.ops import fused as fused_ops
@@ -96,17 +95,18 @@ def _prepare(batch, l_img, l_txt, modulate_index, rope, mask, device) -> _Prepar
 # attention
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Joint attention on [B, S, H, D] q/k/v; returns [B, S, H, D]. The fastest bf16 SDPA at
-    these shapes on Hopper is cuDNN's (601 TFLOP/s at S = 8,400 on the H200 against flash 357;
-    benchmarks/results/h200/probe-60-blocks.json); torch picks flash first by default."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    if qt.is_cuda and mask is None and qt.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, False)[0].transpose(1, 2)
-        except RuntimeError:
-            pass
-    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+def _attention_mode(block) -> str:
+    """qkernels.attention's mode for this block: the processor's when qkernels' own is set
+    (``set_attention`` / recipe ``attention``), else the fastest bf16 SDPA (cuDNN first on Hopper:
+    601 TFLOP/s at S = 8,400 on the H200 against flash 357; probe-60-blocks.json)."""
+    return getattr(block.attn.processor, "mode", "bf16")
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               mode: str) -> torch.Tensor:
+    """Joint attention on [B, S, H, D] q/k/v (transposed views, no copies); returns [B, S, H, D]."""
+    return attention.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                          mode=mode).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class FusedQwenImageTransformerBlock:
         norms = [None if n is None else n.weight
                  for n in (attn.norm_added_q, attn.norm_added_k, attn.norm_q, attn.norm_k)]  # txt q, k; img q, k
         q, k, v = kn.qk_norm_rope(qkv_t, qkv_i, batch, st.heads, *norms, prep.rope_txt, prep.rope_img, st.eps_rms)
-        o = _attention(q, k, v, prep.mask).reshape(batch, l_txt + l_img, dim)
+        o = _attention(q, k, v, prep.mask, _attention_mode(self)).reshape(batch, l_txt + l_img, dim)
         if batch == 1:  # one quant pass over the joint output; the streams are row ranges of it
             qo, so = kn.quantize_per_token(o.reshape(-1, dim).contiguous(), None, st.fp8)
             ot = QuantizedActivation(qo[:l_txt], so[:l_txt], dtype)
@@ -254,8 +254,12 @@ def _why_not(block) -> str | None:
     attn = block.attn
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
-    if type(attn.processor) is not QwenDoubleStreamAttnProcessor2_0:
+    from qkernels.attention.diffusers_plugin import QKernelsQwenAttnProcessor
+
+    if type(attn.processor) not in (QwenDoubleStreamAttnProcessor2_0, QKernelsQwenAttnProcessor):
         return f"custom attention processor {type(attn.processor).__name__}"
+    if getattr(attn.processor, "_parallel_config", None) is not None:
+        return "context parallelism is set on the attention (the fused block computes the whole sequence)"
     for mlp in (block.img_mlp, block.txt_mlp):
         if getattr(mlp.net[0], "approximate", None) != "tanh" or not hasattr(mlp.net[0], "proj"):
             return "MLP activation is not GELU-tanh"

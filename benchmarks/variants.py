@@ -43,6 +43,7 @@ class Variant:
     note: str = ""  # what a reader must know to read its numbers
     fuse: bool = False  # qkernels: the fused block path (qpipeline.blocks) after quantizing
     graphs: bool = False  # CUDA-graph replay of the block loop (qpipeline.graphs)
+    attention: str | None = None  # qkernels.attention mode for the model's joint attention (set before fusing)
     tma_min_m: int | None = -1  # fp8-triton: FP8Triton.TMA_MIN_M while this variant runs (-1: the default)
     # In-place quantization of the selected Linears of a module tree (None for bf16).
     quantize: Callable[[nn.Module, Select], None] | None = field(default=None, repr=False)
@@ -67,6 +68,10 @@ class Variant:
             self.quantize_model(module)
         elif self.quantize is not None:
             self.quantize(module, select or (lambda name, layer: True))
+        if self.attention is not None:
+            from qkernels.attention.diffusers_plugin import set_attention
+
+            set_attention(module, self.attention)
         if self.fuse:
             from qpipeline.blocks import fuse_model
 
@@ -251,6 +256,9 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
         if v.name == "fp8-triton":
             out.append(dataclasses.replace(v, name="fp8-triton+fused+notma", fuse=True, tma_min_m=None))
             out.append(dataclasses.replace(v, name="fp8-triton+fused+graphs", fuse=True, graphs=True))
+            out.append(dataclasses.replace(v, name="fp8-triton+fused+int8attn", fuse=True, attention="int8-fp8"))
+            out.append(dataclasses.replace(v, name="fp8-triton+fused+int8attn+graphs", fuse=True, graphs=True,
+                                           attention="int8-fp8"))
     if device.type == "cuda":
         out.insert(1, dataclasses.replace(out[0], name="bf16+graphs", graphs=True))
     if peers:

@@ -38,27 +38,30 @@ COLUMNS = [
     "median_ms", "p20_ms", "p80_ms", "spread_ms", "reps", "speedup_vs_bf16", "baseline", "first_call_s",
     "build_s", "quantize_s", "weight_bytes", "block_weight_bytes", "peak_mem_bytes", "peak_minus_base_bytes",
     "mem_method", "rel_error_vs_bf16", "ms_60_blocks_extrapolated", "weight_gb_60_blocks_extrapolated",
-    "load_s", "load_status", "gpu_ms", "share_gemm", "share_attention", "share_act_quant", "share_other", "note",
+    "load_s", "load_status", "gpu_ms", "share_gemm", "share_attention", "share_norm_fused", "share_act_quant",
+    "share_other", "note",
 ]
 
 # GPU kernel time by kind (--profile), from the kernel names the profiler reports. Checked in this
 # order: a name matching several (e.g. a GEMM with "quant" in it) counts in the first.
 _KINDS = (
     ("attention", ("attention", "attn", "fmha", "flash", "cudnn", "sdpa")),
-    ("act_quant", ("quantize", "layernorm_modulate_quant", "qk_norm_rope")),
+    ("norm_fused", ("layernorm_modulate_quant", "qk_norm_rope")),  # the fused norm/modulate/RoPE kernels
+    ("act_quant", ("quantize",)),  # separate activation-quant passes
     ("gemm", ("gemm", "gemv", "_mm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
 )
 
 
 def kernel_shares(fn, device) -> dict:
     """One forward under torch.profiler: its total GPU kernel time and the share of each kind
-    (GEMM, attention, activation quant incl. the fused norm/RoPE kernels, other)."""
+    (GEMM, attention, the fused norm + modulate + quant and q/k norm + RoPE kernels, separate
+    activation-quant passes, other)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         harness._sync(device)
-    totals = dict.fromkeys(["gemm", "attention", "act_quant", "other"], 0.0)
+    totals = dict.fromkeys(["gemm", "attention", "norm_fused", "act_quant", "other"], 0.0)
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
         if not t or e.key.startswith(("cuda", "aten::", "Memcpy", "Memset")) and "kernel" not in e.key.lower():

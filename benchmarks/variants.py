@@ -81,7 +81,7 @@ class Variant:
         if self.graphs:
             from qpipeline.graphs import enable_cuda_graphs
 
-            if not next(module.parameters(), next(module.buffers())).is_cuda:
+            if not any(t.is_cuda for t in [*module.parameters(), *module.buffers()][:1]):
                 raise Unavailable("CUDA graphs need CUDA")
             enable_cuda_graphs(module)
         if self.compiled:

@@ -35,6 +35,9 @@ def _flatten(x, out):
     elif isinstance(x, (tuple, list)):
         for t in x:
             _flatten(t, out)
+    elif isinstance(x, dict):
+        for _, t in sorted(x.items()):
+            _flatten(t, out)
     return out
 
 
@@ -44,6 +47,8 @@ def _signature(args: dict) -> tuple:
             return ("t", tuple(v.shape), v.dtype, v.device)
         if isinstance(v, (tuple, list)):
             return ("s", tuple(sig(t) for t in v))
+        if isinstance(v, dict):  # e.g. an empty attention_kwargs
+            return ("d", tuple((k, sig(t)) for k, t in sorted(v.items())))
         if v is None or isinstance(v, (int, float, bool, str)):
             return ("v", v)
         raise InputError(f"cannot key a CUDA graph on a {type(v).__name__} block input")
@@ -89,6 +94,8 @@ def _clone(v):
         return tuple(_clone(t) for t in v)
     if isinstance(v, list):
         return [_clone(t) for t in v]
+    if isinstance(v, dict):
+        return {k: _clone(t) for k, t in v.items()}
     return v
 
 

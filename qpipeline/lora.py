@@ -20,6 +20,7 @@ is the failure this module exists to prevent.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from os import PathLike
@@ -94,7 +95,7 @@ def load_lora(path: str | PathLike) -> dict[str, torch.Tensor]:
 def _finite_scale(scale, what: str = "scale") -> float:
     """``scale`` as a float; a NaN or infinite one would turn every output (and, merged, every
     weight) into NaN/Inf."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) and not (
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) and not (
             isinstance(scale, torch.Tensor) and scale.numel() == 1):
         raise LoRAError(f"LoRA {what} must be a number, got {scale!r}")
     value = float(scale)

@@ -172,8 +172,11 @@ def _rope(n, half, device=DEV):
     return torch.stack([ang.cos(), ang.sin()], -1).contiguous()
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_qk_norm_rope_equals_reference(batch):
+@pytest.mark.parametrize("batch,split", [(1, False), (2, False), (2, True)], ids=["B1", "B2", "B2-split"])
+def test_qk_norm_rope_equals_reference(batch, split, monkeypatch):
+    from qkernels.triton import fused as tfused
+
+    monkeypatch.setitem(tfused.TUNING, "qk_split", split)  # pairs read apart, or split in registers
     heads, d, lt, li = 3, 64, 5, 11
     qt = torch.randn(batch * lt, 3 * heads * d, device=DEV).bfloat16()
     qi = torch.randn(batch * li, 3 * heads * d, device=DEV).bfloat16()

@@ -45,6 +45,11 @@ def _round(v, ROUND: tl.constexpr):
 
 _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+# Launch choices benchmarks.fused_kernels measures on a GPU: warps per row of the LayerNorm kernel
+# (None: BLOCK_K / 256, 4..16), warps per token of the RoPE kernel, and whether it reads contiguous
+# [heads, D] tiles and splits the pairs in registers (True) or reads even / odd elements apart.
+TUNING = {"lmq_warps": None, "qk_warps": 4, "qk_split": False}
+
 
 # --------------------------------------------------------------------------------------------
 # LayerNorm (no affine) -> x * (1 + scale[g]) + shift[g] -> per-token 8-bit quantization
@@ -126,7 +131,8 @@ def layernorm_modulate_quant(
         (m,), (),
         (x, shift, scale, gate_rows, q_arg, s, m, k, x.stride(0), shift.stride(0), q.stride(0), float(eps)),
         QMAX=448.0 if fp8 else 127.0, FP8=fp8, SOFT_FP8=fp8 and INTERPRET, ROUND=_ROUND_CODE[x.dtype],
-        BLOCK_K=block_k, num_warps=1 if INTERPRET else min(16, max(4, block_k // 256)), enable_fp_fusion=False,
+        BLOCK_K=block_k, num_warps=1 if INTERPRET else (TUNING["lmq_warps"] or min(16, max(4, block_k // 256))),
+        enable_fp_fusion=False,
     )
     return q, s
 
@@ -166,6 +172,32 @@ def _rms_rope(x_ptr, w_ptr, cs_ptr, out_ptr, heads, eps, D: tl.constexpr, HB: tl
 
 
 @triton.jit
+def _rms_rope_split(x_ptr, w_ptr, cs_ptr, out_ptr, heads, eps, D: tl.constexpr, HB: tl.constexpr,
+                    ROUND: tl.constexpr, HAS_NORM: tl.constexpr):
+    """:func:`_rms_rope` with contiguous [HB, D] loads and stores, the (even, odd) pairs split and
+    joined in registers instead of read and written at a stride of two elements."""
+    h = tl.arange(0, HB)
+    d = tl.arange(0, D)
+    hmask = (h < heads)[:, None]
+    offs = h[:, None] * D + d[None, :]
+    x = tl.load(x_ptr + offs, mask=hmask, other=0.0).to(tl.float32)
+    e, o = tl.split(tl.reshape(x, (HB, D // 2, 2)))
+    if HAS_NORM:
+        ms = (tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)) / D
+        r = 1.0 / tl.sqrt(ms + eps)
+        we, wo = tl.split(tl.reshape(tl.load(w_ptr + d).to(tl.float32), (D // 2, 2)))
+        e = _round(_round(e * r[:, None], ROUND) * we[None, :], ROUND)
+        o = _round(_round(o * r[:, None], ROUND) * wo[None, :], ROUND)
+    c, s = tl.split(tl.reshape(tl.load(cs_ptr + d), (D // 2, 2)))
+    re = e * c[None, :] - o * s[None, :]
+    im = e * s[None, :] + o * c[None, :]
+    y = tl.reshape(tl.join(re, im), (HB, D))
+    if INTERPRET_C and out_ptr.dtype.element_ty == tl.bfloat16:
+        y = round_fp32_to_bf16_grid(y)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+@triton.jit
 def _copy_heads(x_ptr, out_ptr, heads, D: tl.constexpr, HB: tl.constexpr):
     h = tl.arange(0, HB)
     d = tl.arange(0, D)
@@ -177,7 +209,7 @@ def _copy_heads(x_ptr, out_ptr, heads, D: tl.constexpr, HB: tl.constexpr):
 def _qk_norm_rope_kernel(
     txt_ptr, img_ptr, wq_t, wk_t, wq_i, wk_i, cs_t, cs_i, q_ptr, k_ptr, v_ptr,
     L_TXT, L_IMG, heads, stride_t, stride_i, eps,
-    D: tl.constexpr, HB: tl.constexpr, ROUND: tl.constexpr, HAS_NORM: tl.constexpr,
+    D: tl.constexpr, HB: tl.constexpr, ROUND: tl.constexpr, HAS_NORM: tl.constexpr, SPLIT: tl.constexpr,
 ):
     row = tl.program_id(0)  # a row of the joint [B, L_TXT + L_IMG] sequence
     s_tot = L_TXT + L_IMG
@@ -195,8 +227,12 @@ def _qk_norm_rope_kernel(
         cs = cs_i + (s - L_TXT) * D
         wq = wq_i
         wk = wk_i
-    _rms_rope(src, wq, cs, q_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
-    _rms_rope(src + hd, wk, cs, k_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
+    if SPLIT:
+        _rms_rope_split(src, wq, cs, q_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
+        _rms_rope_split(src + hd, wk, cs, k_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
+    else:
+        _rms_rope(src, wq, cs, q_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
+        _rms_rope(src + hd, wk, cs, k_ptr + out, heads, eps, D, HB, ROUND, HAS_NORM)
     _copy_heads(src + 2 * hd, v_ptr + out, heads, D, HB)
 
 
@@ -252,7 +288,7 @@ def qk_norm_rope(
         (rows,), (),
         (qkv_txt, qkv_img, *weights, rope_txt, rope_img, q, k, v, l_txt, l_img, heads,
          qkv_txt.stride(0), qkv_img.stride(0), float(eps)),
-        D=d, HB=hb, ROUND=_ROUND_CODE[qkv_img.dtype], HAS_NORM=norm_txt is not None,
-        num_warps=1 if INTERPRET else 4, enable_fp_fusion=False,
+        D=d, HB=hb, ROUND=_ROUND_CODE[qkv_img.dtype], HAS_NORM=norm_txt is not None, SPLIT=TUNING["qk_split"],
+        num_warps=1 if INTERPRET else TUNING["qk_warps"], enable_fp_fusion=False,
     )
     return q, k, v

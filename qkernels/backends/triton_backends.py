@@ -65,7 +65,7 @@ if importlib.util.find_spec("triton") is not None:
 # torch.compile(fullgraph=True)), and the same names bound straight to the launchers for the CPU
 # interpreter (where the ops would run their PyTorch references).
 _OPS = SimpleNamespace(**{op.name: op for op in _CUDA_KERNELS})
-_INTERPRETED: SimpleNamespace | None = None
+_INTERPRETED = None
 
 
 def kernels_for(x: torch.Tensor) -> SimpleNamespace:
@@ -79,10 +79,19 @@ def _kernels(x: torch.Tensor):
     if x.is_cuda:
         return _OPS
     if _INTERPRETED is None:
+        _INTERPRETED = _Launchers()
+    return _INTERPRETED
+
+
+class _Launchers:
+    """The Triton launchers by op name, looked up at call time (CPU, interpreter: tests)."""
+
+    _names = {op.name: name for op, name in _CUDA_KERNELS.items()}
+
+    def __getattr__(self, op_name):
         from .. import triton as kernels  # CPU: interpreter (the backend is unavailable otherwise)
 
-        _INTERPRETED = SimpleNamespace(**{op.name: getattr(kernels, name) for op, name in _CUDA_KERNELS.items()})
-    return _INTERPRETED
+        return getattr(kernels, self._names[op_name])
 
 
 class _TritonW8A8(Backend):

@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
+from .quant import _store_quantized
 from ._common import (
-    INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, make_launcher, next_power_of_2, rint_clamp_int8,
-    round_fp32_to_bf16_grid, round_to_dtype, soft_e4m3_bits,
+    INTERPRET, INTERPRET_C, check_2d, check_device, make_launcher, next_power_of_2, round_fp32_to_bf16_grid,
+    round_to_dtype,
 )
 
 __all__ = ["layernorm_modulate_quant", "qk_norm_rope"]
@@ -80,15 +81,7 @@ def _layernorm_modulate_quant_kernel(
     amax = tl.max(tl.abs(y), axis=0) + tl.sum(tl.where(y != y, y, 0.0), axis=0)
     scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, QMAX))
     q = tl.math.div_rn(y, scale)
-    q_ptrs = q_ptr + row * stride_qm + cols
-    if FP8:
-        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-        if SOFT_FP8:
-            tl.store(q_ptrs, soft_e4m3_bits(q), mask=cmask)
-        else:
-            tl.store(q_ptrs, q.to(tl.float8e4nv), mask=cmask)
-    else:
-        tl.store(q_ptrs, rint_clamp_int8(q), mask=cmask)
+    _store_quantized(q_ptr + row * stride_qm + cols, cmask, q, FP8, SOFT_FP8, QMAX)
     tl.store(s_ptr + row, scale)
 
 

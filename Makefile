@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qkernels-installed
 
-.PHONY: setup demo test gpu-suite clean
+.PHONY: setup demo test test-deps gpu-suite clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Headless Chromium + chromedriver (Debian packages) for the web page's browser test; needs root.
+test-deps:
+	bash tests/install_browser.sh
 
 gpu-suite:
 	bash benchmarks/run_gpu_suite.sh out/gpu

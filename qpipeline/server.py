@@ -19,7 +19,8 @@ The service knows nothing of HTTP (``parse_*`` and ``EditService`` take plain va
 queue worker or a Ray Serve deployment reuses the same checks, jobs and engine calls.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the handlers' `request: Request` annotation
+# at run time, and Request is imported inside create_app (the extra is optional).
 
 import asyncio
 import base64
@@ -120,8 +121,8 @@ def decode_image(data: bytes | str, name: str, config: ServerConfig):
     if isinstance(data, str):
         text = _DATA_URL.sub("", data.strip(), count=1)
         if len(text) * 3 // 4 > config.max_image_bytes + 2:
-            raise RequestError(413, f"{name} is over {config.max_image_bytes} bytes decoded "
-                                    f"({len(text)} base64 characters)")
+            raise RequestError(413, f"{name} is ~{len(text) * 3 // 4} bytes decoded; the limit is "
+                                    f"{config.max_image_bytes}")
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -666,8 +667,8 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
         t0 = time.monotonic()
         payload, files = await read_request(request)
         job = await run_in_threadpool(parse, payload, files, config)
-        job.arrived, job.deadline = t0, t0 + config.timeout_s
-        job.timings_ms["decode"] = (time.monotonic() - t0) * 1e3
+        job.arrived, job.deadline = time.monotonic(), t0 + config.timeout_s  # the deadline counts from arrival
+        job.timings_ms["decode"] = (job.arrived - t0) * 1e3
         try:
             future = service.submit(job)
         except QueueFull as e:

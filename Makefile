@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs, then quantizes the built-in demo transformer (python -m qpipeline.quantize)
 #   make test   installs, then runs the test suite (GPU tests are skipped without a GPU)
+#   make test-deps  (root) headless Chromium for the web page's test; CI runs it before make test
 # Both create or reuse the virtual environment $(VENV). A Python whose torch already sees a
 # GPU is kept (the venv sees its site-packages); otherwise the CPU build torch==2.13.0 is
 # installed, never the multi-GB CUDA build.

@@ -458,12 +458,15 @@ def test_unknown_path_and_method_answer_json(client):
     assert r.status_code == 405 and r.json()["error"]
 
 
-def test_serve_refuses_a_missing_model_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "qpipeline.serve", "--model", str(tmp_path / "none")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().startswith("error:") and "not a diffusers pipeline folder" in r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_serve_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    from qpipeline import serve
+
+    assert serve.main(["--model", str(tmp_path / "none"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not a diffusers pipeline folder" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):  # --model or --demo is required
+        serve.main([])
+    assert serve.build_parser().parse_args(["--demo"]).host == "127.0.0.1"
 
 
 def test_no_cors_headers_unless_configured(client):

@@ -256,9 +256,11 @@ def test_a_failing_generate_answers_500_and_the_next_request_succeeds(engine, im
         r = c.post("/generate", json=dict(images=[image], prompt="explode", num_steps=2, seed=1))
         assert r.status_code == 500
         assert r.json() == {"error": "generate failed: RuntimeError: injected failure: out of memory"}
+        live.engine.last_timings = {"denoise": 12.5, "vae_decode": 3.25}  # an engine that times its stages
         r = c.post("/edit", json=dict(image=image, prompt="p", steps=2, seed=2))
         assert r.status_code == 200 and np.array_equal(pixels(base64.b64decode(r.json()["image"])),
                                                        live.engine.outputs[2])
+        assert r.json()["timings_ms"]["stages"] == {"denoise": 12.5, "vae_decode": 3.25}
         stats = live.service.health()["stats"]
         assert (stats["failed"], stats["completed"]) == (1, 1)
 
@@ -486,15 +488,17 @@ def _chromium(tmp_path):
     assert binary and driver, "headless Chromium is missing: run tests/install_browser.sh (CI does)"
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    # --no-sandbox: CI runs as root; the rest keep it off the network, which a test has no use for.
+    # --no-sandbox: CI runs as root; the next five keep it off the network, which a test has no
+    # use for; the fake media flags give getUserMedia a generated camera and no permission prompt.
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                  "--disable-dev-shm-usage", "--window-size=1100,1000", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
-def test_the_page_edits_an_uploaded_image_in_headless_chromium(served, engine, images, tmp_path):
+def test_the_page_edits_an_upload_and_a_webcam_frame_in_headless_chromium(served, engine, images, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -520,9 +524,25 @@ def test_the_page_edits_an_uploaded_image_in_headless_chromium(served, engine, i
         shot = tmp_path / "page.png"
         browser.save_screenshot(str(shot))
         src = result.get_attribute("src")
+
+        # webcam: Chromium's fake camera (640x480); the page scales the captured frame down to the
+        # server's pixel limit (4096 here: 73x55), then edits it
+        browser.find_element(By.ID, "camera").click()
+        video = browser.find_element(By.ID, "video")
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].videoWidth", video) > 0)
+        assert browser.execute_script("return [arguments[0].videoWidth, arguments[0].videoHeight]", video) == [640, 480]
+        browser.find_element(By.ID, "capture").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "input-info").text.startswith("73x55,"))
+        browser.find_element(By.ID, "edit").click()
+        status = browser.find_element(By.ID, "status")
+        WebDriverWait(browser, 120).until(lambda b: result.get_attribute("src") != src and status.text == "done"
+                                          or status.get_attribute("class") == "error")
+        assert status.text == "done"
+        assert browser.execute_script("return arguments[0].naturalWidth", result) == 32
+        browser.save_screenshot(str(tmp_path / "page-webcam.png"))
     finally:
         browser.quit()
-    assert Image.open(shot).size[0] > 0
+    assert Image.open(shot).size[0] > 0 and Image.open(tmp_path / "page-webcam.png").size[0] > 0
     assert src.startswith("data:image/png;base64,")
     expected = np.asarray(engine.generate([images[1]], "make it blue", seed=11, **STEPS))
     assert np.array_equal(pixels(base64.b64decode(src.split(",", 1)[1])), expected)

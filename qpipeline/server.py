@@ -38,7 +38,7 @@ from importlib import resources
 
 from qkernels.errors import QKernelsError
 
-__all__ = ["ServerConfig", "RequestError", "QueueFull", "Job", "JobQueue", "EditService", "create_app",
+__all__ = ["ServerConfig", "RequestError", "QueueFull", "QueueClosed", "Job", "JobQueue", "EditService", "create_app",
            "parse_edit", "parse_generate", "decode_image"]
 
 
@@ -96,7 +96,11 @@ class RequestError(Exception):
 
 
 class QueueFull(Exception):
-    pass
+    """No free slot: the HTTP side answers 429 with Retry-After."""
+
+
+class QueueClosed(QueueFull):
+    """The service is stopping: 503."""
 
 
 class Cancelled(Exception):
@@ -247,7 +251,7 @@ class Job:
     negative_prompt: str | None = None
     blend_ratio: float = 1.0  # share of the edited image in the answer; the rest is the input image
     deadline: float = math.inf  # time.monotonic() past which nobody waits for the answer
-    arrived: float = field(default_factory=time.monotonic)
+    queued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future, repr=False)
     timings_ms: dict = field(default_factory=dict)
 
@@ -326,7 +330,7 @@ class JobQueue:
         """Append ``job``; its position (1 = next). Raises QueueFull."""
         with self._cond:
             if self._closed:
-                raise QueueFull("the server is shutting down")
+                raise QueueClosed("the server is shutting down")
             if len(self._jobs) >= self.maxsize:
                 raise QueueFull(f"the queue is full ({self.maxsize} waiting)")
             self._jobs.append(job)
@@ -424,7 +428,7 @@ class EditService:
                 continue  # withdrawn while waiting: never run
             self.running = job
             t0 = time.monotonic()
-            job.timings_ms["queue"] = (t0 - job.arrived) * 1e3
+            job.timings_ms["queue"] = (t0 - job.queued_at) * 1e3
             try:
                 image = self.engine.generate(job.images, job.prompt, **job.engine_kwargs())
                 t1 = time.monotonic()
@@ -640,8 +644,9 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
         async def replay():
             yield body
 
+        # max_part_size bounds text parts: one may hold a base64 image
         parser = MultiPartParser(request.headers, replay(), max_files=config.max_images + 2, max_fields=64,
-                                 max_part_size=2**20)
+                                 max_part_size=math.ceil(config.max_image_bytes * 4 / 3) + 2**10)
         try:
             form = await parser.parse()
         except MultiPartException as e:
@@ -667,13 +672,14 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
         t0 = time.monotonic()
         payload, files = await read_request(request)
         job = await run_in_threadpool(parse, payload, files, config)
-        job.arrived, job.deadline = time.monotonic(), t0 + config.timeout_s  # the deadline counts from arrival
-        job.timings_ms["decode"] = (job.arrived - t0) * 1e3
+        job.queued_at, job.deadline = time.monotonic(), t0 + config.timeout_s  # deadline: from the request's arrival
+        job.timings_ms["decode"] = (job.queued_at - t0) * 1e3
         try:
             future = service.submit(job)
         except QueueFull as e:
             retry = service.retry_after_s()
-            return error(429 if "full" in str(e) else 503, f"{e}; retry in {retry} s", {"Retry-After": str(retry)})
+            return error(503 if isinstance(e, QueueClosed) else 429, f"{e}; retry in {retry} s",
+                         {"Retry-After": str(retry)})
         waiting = asyncio.wrap_future(future)
         while not waiting.done():
             left = job.deadline - time.monotonic()

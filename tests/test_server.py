@@ -283,6 +283,28 @@ def test_a_failing_generate_answers_500_and_the_next_request_succeeds(engine, im
         assert h.status_code == 200 and "access-control-allow-origin" not in h.headers
 
 
+def test_stopping_fails_the_waiting_jobs_with_503_and_refuses_new_ones(engine, images):
+    from qpipeline.server import EditService, Job, QueueClosed, RequestError
+
+    rec = RecordingEngine(engine)
+    rec.gate.clear()
+    service = EditService(rec, ServerConfig(max_queue=2))
+    running = service.submit(Job(images=images[:1], prompt="explode", num_steps=2, seed=1))
+    assert rec.entered.acquire(timeout=30)
+    waiting = service.submit(Job(images=images[:1], prompt="p", num_steps=2, seed=2))
+    stopper = threading.Thread(target=service.stop, args=(30,))
+    stopper.start()
+    with pytest.raises(RequestError) as e:
+        waiting.result(timeout=30)
+    assert e.value.status == 503 and "shutting down" in e.value.message
+    with pytest.raises(QueueClosed):
+        service.submit(Job(images=images[:1], prompt="p", num_steps=2, seed=3))
+    rec.gate.set()  # the running job finishes (here: fails) before the worker exits
+    stopper.join(30)
+    assert not stopper.is_alive() and isinstance(running.exception(timeout=1), RuntimeError)
+    assert rec.seeds == [1]
+
+
 # --- the subprocess server -------------------------------------------------------------------------
 
 
@@ -432,7 +454,8 @@ BAD = {
     "no-images": ("/generate", dict(json=dict(images=[], prompt="x")), 422, "at least one image"),
     "images-not-list": ("/generate", dict(json=dict(images=5, prompt="x")), 422, "list of base64"),
     "image-missing": ("/edit", dict(json=dict(prompt="x")), 422, "image is required"),
-    "unknown-field": ("/generate", dict(json=dict(images=[_OK], prompt="x", num_step=4)), 422, "unknown field 'num_step'"),
+    "unknown-field": ("/generate", dict(json=dict(images=[_OK], prompt="x", num_step=4)), 422,
+                      "unknown field 'num_step'"),
     "size-multiple": ("/edit", dict(json=dict(image=_OK, prompt="x", size=33)), 422, "multiple of 16"),
     "width-alone": ("/generate", dict(json=dict(images=[_OK], prompt="x", width=32)), 422, "both width and height"),
     "size-over": ("/edit", dict(json=dict(image=_OK, prompt="x", size=4096)), 422, "size must be in [16, 2048]"),
@@ -448,7 +471,11 @@ BAD = {
                                           data={"prompt": "x"}), 400, "not an image"),
     "multipart-unknown-file": ("/edit", dict(data={"prompt": "x"}, files={"other": ("a", b"1")}), 422,
                                "unknown field 'other'"),
-    "form-urlencoded": ("/edit", dict(data={"prompt": "x", "image": _OK}), 415, "got application/x-www-form-urlencoded"),
+    "multipart-text-not-base64": ("/edit", dict(data={"prompt": "x", "image": "not base64!"},
+                                                 files={"ref_image": ("r.png", base64.b64decode(_OK), "image/png")}),
+                                  400, "image is not valid base64"),
+    "form-urlencoded": ("/edit", dict(data={"prompt": "x", "image": _OK}), 415,
+                        "got application/x-www-form-urlencoded"),
 }
 
 

@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs, then quantizes the built-in demo transformer (python -m qpipeline.quantize)
 #   make test   installs, then runs the test suite (GPU tests are skipped without a GPU)
+#   make test-deps  (root) headless Chromium for the web page's test; CI runs it before make test
 # Both create or reuse the virtual environment $(VENV). A Python whose torch already sees a
 # GPU is kept (the venv sees its site-packages); otherwise the CPU build torch==2.13.0 is
 # installed, never the multi-GB CUDA build.
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qkernels-installed
 
-.PHONY: setup demo test gpu-suite clean
+.PHONY: setup demo test test-deps gpu-suite clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Headless Chromium + chromedriver (Debian packages) for the web page's browser test; needs root.
+test-deps:
+	bash tests/install_browser.sh
 
 gpu-suite:
 	bash benchmarks/run_gpu_suite.sh out/gpu

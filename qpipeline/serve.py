@@ -1,0 +1,114 @@
+"""``python -m qpipeline.serve``: the edit server (``qpipeline.server``) over one engine.
+
+    python -m qpipeline.serve --model Qwen-Image-Edit-2511/ --quantized q/ --lora lightning.safetensors
+    python -m qpipeline.serve --demo            # the tiny built-in pipeline, random weights, no download
+
+Binds 127.0.0.1 unless ``--host`` says otherwise; ``--port 0`` takes a free port. Prints
+``serving on http://HOST:PORT`` once the model is loaded and the socket listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+
+from qkernels.errors import QKernelsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .server import ServerConfig
+
+    d = ServerConfig()
+    p = argparse.ArgumentParser(prog="python -m qpipeline.serve", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="diffusers pipeline folder (Qwen-Image-Edit-2509/2511)")
+    src.add_argument("--demo", action="store_true",
+                     help="serve the tiny built-in pipeline with seeded random weights (no download)")
+    p.add_argument("--quantized", help="checkpoint folder from qpipeline.quantize / save_quantized")
+    p.add_argument("--lora", help="LoRA safetensors (merged at load, or a run-time branch with --quantized)")
+    p.add_argument("--backend", default="auto", help="quantization backend (default auto; bf16: none)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8200, help="default 8200; 0: any free port")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"waiting requests (default {d.max_queue})")
+    p.add_argument("--timeout", type=float, default=d.timeout_s,
+                   help=f"seconds from arrival to answer, else 504 (default {d.timeout_s:g})")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; '*' for any)")
+    p.add_argument("--max-image-mb", type=float, default=d.max_image_bytes / 2**20,
+                   help=f"decoded bytes per image (default {d.max_image_bytes / 2**20:g} MiB)")
+    p.add_argument("--max-pixels", type=int, default=d.max_image_pixels,
+                   help=f"pixels per input image (default {d.max_image_pixels})")
+    p.add_argument("--max-images", type=int, default=d.max_images, help=f"default {d.max_images}")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"default {d.max_steps}")
+    p.add_argument("--default-size", type=int, default=None,
+                   help="output side when a request gives none (default: the pipeline's ~1 MP; --demo: 64)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's (default warning)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+
+        from .server import ServerConfig, create_app
+    except ImportError as e:
+        print(f"error: the server needs its extra: pip install 'qkernels[server]' ({e})", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        try:
+            engine, default_size = _engine(args, stack)
+            config = ServerConfig(
+                max_queue=args.max_queue, timeout_s=args.timeout, max_image_bytes=int(args.max_image_mb * 2**20),
+                max_image_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
+                default_size=args.default_size if args.default_size is not None else default_size,
+                cors_origins=tuple(args.cors))
+            engine.load()
+        except (QKernelsError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        app = create_app(engine, config)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=10))
+        try:
+            sock = server.config.bind_socket()
+        except (OSError, SystemExit) as e:
+            print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+            return 2
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serving on http://{shown}:{port} (page /, API docs /docs, {config.max_queue} waiting at most)",
+              flush=True)
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            print(f"note: listening on {host}: anyone who reaches this port can use the engine", flush=True)
+        server.run(sockets=[sock])
+    return 0
+
+
+def _engine(args, stack: contextlib.ExitStack):
+    """(engine, default output side) for the arguments."""
+    from .engine import Engine
+
+    if not args.demo:
+        return Engine(args.model, backend=args.backend, quantized=args.quantized, lora=args.lora,
+                      device=args.device), None
+    if args.quantized or args.lora:
+        raise ValueError("--demo builds its own pipeline; --quantized and --lora need --model")
+    from .demo_pipeline import demo_engine, small_vae_references
+
+    folder = tempfile.mkdtemp(prefix="qpipeline-demo-")
+    stack.callback(shutil.rmtree, folder, ignore_errors=True)
+    # The tiny VAE at the pipeline's ~1 MP reference size costs 5-9 s an image on 2 CPU cores;
+    # 64x64 px references keep a demo edit near one second. Output side 64 by default, likewise.
+    stack.enter_context(small_vae_references())
+    print("demo: the tiny built-in edit pipeline with seeded random weights: its images are noise, "
+          "not edits", flush=True)
+    return demo_engine(folder, backend=args.backend, device=args.device), 64
+
+
+if __name__ == "__main__":
+    sys.exit(main())

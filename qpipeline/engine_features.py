@@ -307,6 +307,7 @@ class CallRecord:
     def __init__(self, timer: StageTimer, batcher: CFGBatcher | None):
         self.timer, self.batcher = timer, batcher
         self.cache_hits = self.cache_misses = self.encode_calls = 0
+        self.text_tokens = self.image_tokens = None  # of the first encode / transformer call
 
     def step_end(self, pipe, step, timestep, callback_kwargs):
         self.timer.step_end()
@@ -315,7 +316,7 @@ class CallRecord:
     def timings(self) -> dict:
         out = self.timer.result()
         out.update(encode_calls=self.encode_calls, cache_hits=self.cache_hits, cache_misses=self.cache_misses,
-                   steps=len(out["step_ms"]))
+                   steps=len(out["step_ms"]), text_tokens=self.text_tokens, image_tokens=self.image_tokens)
         if self.batcher is not None:
             out.update(batched_cfg_calls=self.batcher.batched_calls)
         return out
@@ -352,6 +353,8 @@ def instrument(pipe, device, *, cache: EmbeddingCache | None = None, batched_cfg
                     rec.cache_misses += 1
                     cache.put(key, out)
             timer.end("encode")
+            if rec.text_tokens is None:
+                rec.text_tokens = int(out[0].shape[1])
             if batcher is not None:
                 batcher.encoded(*out)
             return out
@@ -371,6 +374,9 @@ def instrument(pipe, device, *, cache: EmbeddingCache | None = None, batched_cfg
     def wrap_forward(forward):
         def wrapped(*args, **kwargs):
             timer.transformer_call()
+            hs = kwargs.get("hidden_states")
+            if rec.image_tokens is None and isinstance(hs, torch.Tensor):
+                rec.image_tokens = int(hs.shape[1])  # output + reference latent tokens
             if batcher is None:
                 return forward(*args, **kwargs)
             return batcher.forward(forward, args, kwargs)

@@ -141,15 +141,10 @@ def _on_device_in(dtype, device, seed):
 
 
 @torch.no_grad()
-def build_pipeline(model: str, device, seed: int = 0, dtype=torch.bfloat16):
-    """``model``: "full" (the real sizes) or "tiny". Seeded random weights, made on ``device``."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+def build_text_encoder(model: str, tokenizer, device, seed: int = 0, dtype=torch.bfloat16):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from qpipeline.demo import build_demo_transformer
-
     tiny = model == "tiny"
-    tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text, vision = (TINY_TEXT, TINY_VISION) if tiny else (QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION)
     vocab = len(tokenizer) if tiny else text["vocab_size"]
@@ -161,13 +156,25 @@ def build_pipeline(model: str, device, seed: int = 0, dtype=torch.bfloat16):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
+    with _on_device_in(dtype, device, seed):
+        return Qwen2_5_VLForConditionalGeneration(config).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def build_pipeline(model: str, device, seed: int = 0, dtype=torch.bfloat16):
+    """``model``: "full" (the real sizes) or "tiny". Seeded random weights, made on ``device``."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    from qpipeline.demo import build_demo_transformer
+
+    tiny = model == "tiny"
+    tokenizer = build_tokenizer()
     if tiny:
         transformer = build_demo_transformer("tiny", seed=seed, dtype=dtype, device=device, in_channels=16,
                                              out_channels=4, joint_attention_dim=16)
     else:
         transformer = build_demo_transformer("full-width", num_layers=60, seed=seed, dtype=dtype, device=device)
-    with _on_device_in(dtype, device, seed + 1):
-        text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval().requires_grad_(False)
+    text_encoder = build_text_encoder(model, tokenizer, device, seed + 1, dtype)
     with _on_device_in(dtype, device, seed + 2):
         vae = AutoencoderKLQwenImage(**(TINY_VAE if tiny else {})).eval().requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler(**({} if tiny else QWEN_IMAGE_SCHEDULER))

@@ -16,8 +16,23 @@ Where the transformer comes from:
   so the device never holds a full bf16 copy. ``backend="bf16"`` skips quantization (the
   reference engine).
 
+``model_dir`` may also be an already-built pipeline object (``Engine(pipe, backend=...)``, what
+the full-size benchmark does): its transformer is quantized in place, one layer at a time, and its
+components are used where they are; such an engine cannot load again after ``unload()``.
+
 ``generate`` calls are serialized by a lock, so one engine can sit behind a threaded web
 server. After ``unload()`` the next ``generate`` loads again (and prints it).
+
+Per call, ``engine.last_timings`` holds the ms of each stage (text/vision encode, reference VAE
+encode, each denoising step, VAE decode, total; see ``engine_features``). Options, each off by
+default and measured on and off by ``benchmarks.pipeline``:
+* ``batched_cfg=True``: with ``true_cfg_scale > 1``, the cond and uncond transformer passes of a
+  step run as one batch-2 forward (shorter prompt padded, its padding masked);
+* ``embedding_cache=N`` (or True: 16): the text encoder's output for an unchanged prompt and
+  unchanged input images is reused (content-hashed, LRU of N entries);
+* ``offload=True``: diffusers' model CPU offload, each component moved onto the device for its
+  stage only. With an fp8 transformer and ``quantize_text_encoder=True`` this is the 24 GB mode:
+  ``Engine(dir, backend="fp8-scaled-mm", quantize_text_encoder=True, offload=True)``.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from qkernels.capabilities import device_reason
 from qkernels.errors import BackendUnavailableError, CheckpointError, InputError
 
 from . import lora as qlora
+from .engine_features import EmbeddingCache, instrument
 from .checkpoint import load_pretrained, load_quantized
 from .quantize import quantize_model
 from .recipe import get_recipe
@@ -59,10 +75,17 @@ class Engine:
 
     def __init__(self, model_dir, backend: str = "auto", quantized=None, lora=None, lora_scale: float = 1.0,
                  device=None, quantize_text_encoder: bool | str = False, *, recipe: str = "qwen-image",
-                 dtype: torch.dtype = torch.bfloat16, attention: str | None = None):
-        self.model_dir = Path(model_dir)
-        if not (self.model_dir / "model_index.json").is_file():
-            raise CheckpointError(f"{self.model_dir} is not a diffusers pipeline folder (no model_index.json)")
+                 dtype: torch.dtype = torch.bfloat16, attention: str | None = None, batched_cfg: bool = False,
+                 embedding_cache: int | bool = 0, offload: bool = False):
+        self._given = None  # a pipeline object passed instead of a folder
+        if hasattr(model_dir, "transformer") and callable(model_dir):
+            self._given, self.model_dir = model_dir, None
+            if quantized is not None or lora is not None:
+                raise InputError("quantized= and lora= need a pipeline folder, not a pipeline object")
+        else:
+            self.model_dir = Path(model_dir)
+            if not (self.model_dir / "model_index.json").is_file():
+                raise CheckpointError(f"{self.model_dir} is not a diffusers pipeline folder (no model_index.json)")
         if quantized is not None and not Path(quantized).is_dir():
             raise CheckpointError(f"quantized checkpoint folder {quantized} does not exist")
         if quantized is not None and backend == "bf16":
@@ -92,6 +115,11 @@ class Engine:
         self.lora_layers: dict[str, list[str]] = {}
         self.load_count = 0
         self.load_seconds: float | None = None
+        self.batched_cfg, self.offload = bool(batched_cfg), bool(offload)
+        if embedding_cache is True:
+            embedding_cache = 16
+        self.embedding_cache = EmbeddingCache(embedding_cache) if embedding_cache else None
+        self.last_timings: dict | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------
@@ -113,6 +141,11 @@ class Engine:
     def _load(self) -> None:
         if self.pipeline is not None:
             return
+        if self.embedding_cache is not None:
+            self.embedding_cache.clear()  # entries belong to the text encoder they came from
+        if self.model_dir is None:
+            self._adopt()
+            return
         from diffusers import DiffusionPipeline
 
         t0 = time.perf_counter()
@@ -126,18 +159,59 @@ class Engine:
         pipe = DiffusionPipeline.from_pretrained(str(self.model_dir), transformer=None, torch_dtype=self.dtype,
                                                  local_files_only=True)
         if self.text_encoder_backend:
-            self.text_encoder_report = quantize_model(pipe.text_encoder, self.text_encoder_backend, device=self.device)
-        for name in ("text_encoder", "vae"):
-            getattr(pipe, name).to(self.device)
+            # With offload, quantized on the CPU: the device already holds the transformer, and
+            # the text encoder's bf16 layers passing through it would add to that peak.
+            te_device = "cpu" if self.offload else self.device
+            self.text_encoder_report = quantize_model(pipe.text_encoder, self.text_encoder_backend, device=te_device)
+        if not self.offload:
+            for name in ("text_encoder", "vae"):
+                getattr(pipe, name).to(self.device)
         pipe.register_modules(transformer=transformer)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipeline = pipe
+        self._finish(pipe)
         self.load_count += 1
         self.load_seconds = time.perf_counter() - t0
         what = ("bf16" if self.backend == "bf16" else
                 f"from {self.quantized}" if self.quantized else f"quantized at load ({self.backend})")
         print(f"engine: loaded in {self.load_seconds:.2f} s on {self.device} "
               f"(transformer {what}: {t_transformer:.2f} s)", flush=True)
+
+    def _finish(self, pipe) -> None:
+        if self.offload:
+            # Moves every component to the CPU; each comes onto the device for its stage only.
+            # QuantLinear moves its 8-bit tensors like any buffer and keeps their dtype.
+            pipe.enable_model_cpu_offload(device=self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipeline = pipe
+
+    def _adopt(self) -> None:
+        """Take a pipeline object as the engine's: quantize its transformer (and text encoder)
+        in place unless already quantized, then place it as ``_load`` would."""
+        from qkernels import QuantLinear
+
+        pipe = self._given
+        if pipe is None:
+            raise InputError("this engine was built from a pipeline object and was unloaded; build a new one")
+        t0 = time.perf_counter()
+        has_quant = any(isinstance(m, QuantLinear) for m in pipe.transformer.modules())
+        if self.backend == "bf16" and has_quant:
+            raise InputError("backend 'bf16' given, but this pipeline's transformer is already quantized")
+        if self.backend != "bf16" and not has_quant:
+            recipe = get_recipe(self.recipe).replace(backend=self.backend)
+            self.report = quantize_model(pipe.transformer, recipe, device=self.device)
+        if self.text_encoder_backend and not any(isinstance(m, QuantLinear) for m in pipe.text_encoder.modules()):
+            self.text_encoder_report = quantize_model(pipe.text_encoder, self.text_encoder_backend, device=self.device)
+        if self.attention is not None:
+            from qkernels.attention.diffusers_plugin import set_attention
+
+            set_attention(pipe.transformer, self.attention)
+        if not self.offload:
+            pipe.to(self.device)
+        self._finish(pipe)
+        self.load_count += 1
+        self.load_seconds = time.perf_counter() - t0
+        print(f"engine: took a built pipeline in {self.load_seconds:.2f} s on {self.device} "
+              f"(transformer {'bf16' if self.backend == 'bf16' else 'quantized'}"
+              f"{', offload' if self.offload else ''})", flush=True)
 
     def _load_transformer(self):
         if self.quantized is not None:
@@ -158,7 +232,9 @@ class Engine:
     def unload(self) -> None:
         """Drop the pipeline and free its device memory. A later ``generate`` loads again."""
         with self._lock:
-            self.pipeline = None
+            self.pipeline = self._given = None
+            if self.embedding_cache is not None:
+                self.embedding_cache.clear()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -202,10 +278,14 @@ class Engine:
             extra = {}
             if true_cfg_scale > 1:
                 extra["negative_prompt"] = negative_prompt if negative_prompt is not None else " "
-            with torch.inference_mode():
-                out = self.pipeline(
+            pipe = self.pipeline
+            with torch.inference_mode(), instrument(pipe, self.device, cache=self.embedding_cache,
+                                                    batched_cfg=self.batched_cfg) as record:
+                out = pipe(
                     image=[i.convert("RGB") for i in images], prompt=prompt, num_inference_steps=num_steps,
                     true_cfg_scale=true_cfg_scale, height=height, width=width,
-                    generator=torch.Generator(device="cpu").manual_seed(seed), output_type=output_type, **extra,
+                    generator=torch.Generator(device="cpu").manual_seed(seed), output_type=output_type,
+                    callback_on_step_end=record.step_end, callback_on_step_end_tensor_inputs=[], **extra,
                 )
+            self.last_timings = record.timings()
             return out.images[0]

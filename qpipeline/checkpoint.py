@@ -195,6 +195,9 @@ def _describe_model(model: nn.Module) -> dict:
         d["config_class"] = _class_path(model.config)
     elif kind == "diffusers":
         d["config"] = dict(model.config)
+    if d["config"] is not None:  # the quantization block is rebuilt from "layers" on load
+        d["config"].pop("quantization_config", None)
+        d["config"].pop("_pre_quantization_dtype", None)
     # through JSON now, so that an unserializable config fails the save, not a later load
     d["config"] = json.loads(json.dumps(d["config"], default=_json_value))
     return d
@@ -553,6 +556,9 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
         if isinstance(m, QuantLinear):
             m.set_backend(backend if backend != "auto" and get_backend(backend).format == m.format else "auto")
     model.eval().requires_grad_(False)
+    from .integrations import mark_quantized
+
+    mark_quantized(model)  # save_pretrained of the loaded model writes a quantized folder
     model.load_seconds = time.perf_counter() - t0
     log.info("loaded %s from %s in %.2f s", type(model).__name__, ckpt, model.load_seconds)
     return model

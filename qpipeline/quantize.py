@@ -371,6 +371,9 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
             warnings.warn(f"recipe rule {i} ({pattern!r} -> {backend}) matched no Linear layer", stacklevel=2)
     report.model_bytes_after = model_bytes(model)
     report.seconds = time.perf_counter() - t0
+    from .integrations import mark_quantized
+
+    mark_quantized(model)  # a diffusers/transformers save_pretrained then writes a quantized folder
     return report
 
 

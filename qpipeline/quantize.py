@@ -346,6 +346,9 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
         from .sensitivity import apply_error_budget
 
         decided = apply_error_budget(model, recipe, sites, calibration, device, inputs, _quantize_one, report)
+    from .integrations._common import tied_linears
+
+    tied = tied_linears(model)
     for name, places in tqdm(sites, desc="quantizing", unit="layer", disable=None, leave=False):
         parent, attr = places[0]
         backend_name, rule = recipe.backend_for(name)
@@ -353,6 +356,12 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
             used_rules.add(rule)
         if name in decided:
             report.layers.append(decided[name])
+            continue
+        if name in tied and backend_name != SKIP:
+            lin = parent._modules[attr]
+            before = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias) if t is not None)
+            report.layers.append(LayerReport(name, lin.in_features, lin.out_features, None, None, tied[name],
+                                             before, before, None))
             continue
         linear = parent._modules[attr]
         if device is not None:

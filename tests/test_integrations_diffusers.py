@@ -157,3 +157,12 @@ def test_pipeline_quantization_config_quant_mapping(pipe_dir):
     pipe = DiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=torch.bfloat16, quantization_config=cfg)
     assert len(quant_layers(pipe.transformer)) == 28
     assert not quant_layers(pipe.text_encoder)  # not in the mapping
+
+
+def test_pipeline_quantization_config_quant_backend(pipe_dir):
+    cfg = PipelineQuantizationConfig(quant_backend="qkernels", quant_kwargs={"format": "w8a8-int8"},
+                                     components_to_quantize=["transformer", "text_encoder"])
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir, torch_dtype=torch.bfloat16, quantization_config=cfg)
+    assert len(quant_layers(pipe.transformer)) == 28
+    text = quant_layers(pipe.text_encoder)
+    assert text and {m.format for m in text.values()} == {"w8a8-int8"}

@@ -20,6 +20,7 @@ __all__ = ["install", "mark_quantized"]
 # the library's registry module -> our module that registers with it
 _TARGETS = {
     "diffusers.quantizers.auto": "qpipeline.integrations.diffusers",
+    "transformers.quantizers.auto": "qpipeline.integrations.transformers",
 }
 _lock = threading.Lock()
 _registered: set[str] = set()

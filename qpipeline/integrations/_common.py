@@ -140,14 +140,24 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def tied_linears(model: nn.Module) -> dict[str, str]:
-    """Linear layers whose weight is tied to another module's (transformers' lm_head): name -> why."""
+    """Linear layers whose weight is shared with another module (transformers' lm_head tied to the
+    input embedding): name -> why it stays in high precision. Quantizing one would untie them and
+    keep a second, 8-bit copy beside the embedding (0.82x the bytes instead of ~0.5x)."""
     out = {}
-    tied = getattr(model, "_tied_weights_keys", None) or {}
+    owners = {}
+    for mname, m in model.named_modules():
+        if type(m) is not nn.Linear:
+            for pname, p in m.named_parameters(recurse=False):
+                owners.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and id(m.weight) in owners:
+            out[name] = f"its weight is tied to {owners[id(m.weight)]}: quantizing it would untie them and keep a second copy"
+    # before loading (meta), transformers has not tied them yet: its config says it will
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        keys = tied if isinstance(tied, (list, tuple, set)) else list(tied)
-        for key in keys:
-            out[key.removesuffix(".weight")] = ("its weight is tied to the input embedding (tie_word_embeddings): "
-                                                "quantizing it would break the tie and keep a second copy")
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        for key in (tied if isinstance(tied, (list, tuple, set)) else list(tied)):
+            out.setdefault(key.removesuffix(".weight"), "its weight is tied to the input embedding "
+                           "(tie_word_embeddings): quantizing it would untie them and keep a second copy")
     return out
 
 

@@ -73,7 +73,7 @@ class QKernelsHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         saved = self.quantization_config.torch_dtype
-        if dtype is None and self.pre_quantized and saved:
+        if (dtype is None or dtype == "auto") and self.pre_quantized and saved:
             dtype = getattr(torch, saved)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
         return dtype

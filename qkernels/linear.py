@@ -330,10 +330,16 @@ class QuantLinear(nn.Module):
 
     def _add_loras(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for A, B, scale in self._loras.values():
-            # `.to` is a no-op when the branch is already in the input dtype (the usual case).
-            h = x @ A.to(x.dtype).t()
-            y = torch.addmm(y, h, B.to(x.dtype).t(), alpha=scale)  # y + scale * h @ B.T, one pass
+            y = self.lora_branch(x, y, A, B, scale)
         return y
+
+    @staticmethod
+    def lora_branch(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """``y + scale * (x @ A.T) @ B.T`` for x [M, K], y [M, N] in x's dtype: the run-time LoRA
+        branch (add_lora, and PEFT's LoRA layers on a QuantLinear)."""
+        # `.to` is a no-op when the branch is already in the input dtype (the usual case).
+        h = x @ A.to(x.dtype).t()
+        return torch.addmm(y, h, B.to(x.dtype).t(), alpha=scale)  # y + scale * h @ B.T, one pass
 
     # ----------------------------------------------------------------------------------------
     # nn.Module plumbing

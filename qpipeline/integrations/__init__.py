@@ -21,6 +21,7 @@ __all__ = ["install", "mark_quantized"]
 _TARGETS = {
     "diffusers.quantizers.auto": "qpipeline.integrations.diffusers",
     "transformers.quantizers.auto": "qpipeline.integrations.transformers",
+    "peft.tuners.lora.model": "qpipeline.integrations.peft",
 }
 _lock = threading.Lock()
 _registered: set[str] = set()

@@ -208,18 +208,10 @@ def params_on_meta():
     """Build modules with their parameters on the meta device (no memory, no init compute),
     while buffers and plain tensor attributes (rotary tables, position ids) are computed on the
     CPU as usual: they are not in a state dict, so they must be real after loading."""
-    original = nn.Module.register_parameter
+    from accelerate import init_empty_weights
 
-    def register_parameter(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register_parameter
-    try:
+    with init_empty_weights(include_buffers=False):
         yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def _build_skeleton(desc: dict, skeleton=None) -> nn.Module:
@@ -640,7 +632,36 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
 # plain (unquantized) models from local files, for the CLI
 
 
-def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def _weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one checkpoint in ``folder``, as from_pretrained picks them: the
+    index's files when there is an index, else ``<name>.safetensors`` / ``<name>-0000i-of-0000n``
+    without a variant infix (or with ``.<variant>``), never both a file and its variant copy
+    (``model.safetensors`` beside ``model.fp16.safetensors``)."""
+    import re
+
+    infix = rf"\.{re.escape(variant)}" if variant else ""
+    indexes = sorted(p for p in folder.glob("*.safetensors.index.json")
+                     if re.fullmatch(rf"[^.]+{infix}\.safetensors\.index\.json", p.name))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder} holds several checkpoints ({', '.join(p.name for p in indexes)}); keep one")
+    if indexes:
+        try:
+            names = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"{indexes[0]} is not a safetensors index ({exc})") from None
+        if any(Path(n).name != n for n in names):
+            raise CheckpointError(f"{indexes[0].name} names files outside {folder}")
+        return [folder / n for n in names]
+    pattern = re.compile(rf"[^.]+?(-\d{{5}}-of-\d{{5}})?{infix}\.safetensors")
+    files = sorted(p for p in folder.glob("*.safetensors") if pattern.fullmatch(p.name))
+    stems = {re.sub(r"-\d{5}-of-\d{5}", "", p.name) for p in files}
+    if len(stems) > 1:
+        raise CheckpointError(f"{folder} holds several checkpoints ({', '.join(sorted(stems))}); keep one")
+    return files
+
+
+def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+                    variant: str | None = None) -> nn.Module:
     """A diffusers or transformers model from a local folder (``config.json`` + ``*.safetensors``,
     or a diffusers pipeline folder, whose ``transformer/`` is used) or one ``.safetensors`` file with
     ``config``. Parameters are built on meta and assigned from the files in ``dtype``: the model is
@@ -650,7 +671,7 @@ def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: t
         if (path / "transformer").is_dir():
             path = path / "transformer"
         cfg_path = Path(config) if config else path / "config.json"
-        files = sorted(path.glob("*.safetensors"))
+        files = _weight_files(path, variant)
         if not files:
             for p in path.iterdir():
                 _refuse_pickle(p)

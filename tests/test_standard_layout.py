@@ -106,3 +106,23 @@ def test_save_pretrained_folder_loads_with_load_quantized(demo, tmp_path):
     assert_identical(model, loaded)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs)[0], out)
+
+
+def test_load_pretrained_reads_one_variant(tmp_path):
+    """A folder holding model weights and their fp16 variant: one set is read, never both."""
+    from qpipeline.checkpoint import load_pretrained
+
+    from .tiny_pipeline import build_transformer
+
+    m = build_transformer(dtype=torch.float32)
+    m.save_pretrained(tmp_path / "t")
+    m16 = build_transformer(seed=1, dtype=torch.float16)
+    m16.save_pretrained(tmp_path / "t", variant="fp16")  # another model's weights as the variant
+    names = sorted(p.name for p in (tmp_path / "t").glob("*.safetensors"))
+    assert names == ["diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"]
+    plain = load_pretrained(tmp_path / "t", dtype=torch.float32)
+    for k, t in m.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], t), k
+    fp16 = load_pretrained(tmp_path / "t", dtype=torch.float16, variant="fp16")
+    for k, t in m16.state_dict().items():
+        assert torch.equal(fp16.state_dict()[k], t), k

@@ -166,3 +166,23 @@ def test_pipeline_quantization_config_quant_backend(pipe_dir):
     assert len(quant_layers(pipe.transformer)) == 28
     text = quant_layers(pipe.text_encoder)
     assert text and {m.format for m in text.values()} == {"w8a8-int8"}
+
+
+def test_registration_waits_for_the_libraries():
+    """import qpipeline imports neither library (diffusers' quantizers take seconds); each learns
+    "qkernels" when its quantizer registry is imported, whatever the order."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, qpipeline
+assert "diffusers" not in sys.modules and "transformers" not in sys.modules and "peft" not in sys.modules
+from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING as D
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as T
+import peft.tuners.lora.model as lm
+assert D["qkernels"].__name__ == "QKernelsQuantizer" and T["qkernels"].__name__ == "QKernelsHfQuantizer"
+assert lm.LoraModel._create_new_module.__module__ == "qpipeline.integrations.peft"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -22,7 +22,8 @@ $(STAMP): setup.py
 	else \
 		$(PYTHON) -m venv $(VENV); \
 	fi
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_SPEC)"; $(PY) -m pip install -q "$(TORCH_SPEC)"; }
+	@echo "installing qkernels (editable) with its [dev] extra: pytest, triton, diffusers, transformers, accelerate, peft, pillow, matplotlib"
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 

@@ -7,6 +7,21 @@ for line in Path("qkernels/__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
         exec(line, version)
 
+
+def _torchvision_for_installed_torch() -> str:
+    """torchvision is built against one torch minor release (torch 2.N <-> torchvision 0.(N+15));
+    a mismatched pair breaks at import, so pin the one matching the torch already installed."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(x) for x in version("torch").split("+")[0].split(".")[:2])
+    except Exception:
+        return "torchvision"
+    return f"torchvision=={major - 2}.{minor + 15}.*" if major == 2 else "torchvision"
+
+
+_DIFFUSERS = ["diffusers>=0.35", "transformers>=4.51", "accelerate>=1.0", "peft>=0.17", "pillow"]
+
 setup(
     name="qkernels",
     version=version["__version__"],
@@ -17,19 +32,23 @@ setup(
     packages=find_packages(include=["qkernels*", "qpipeline*", "calibration*", "benchmarks*"]),
     # A range, not a pin: a machine's own CUDA torch is kept. The Makefile installs the CPU
     # build (torch==2.13.0) first on machines without a GPU, so this never pulls CUDA there.
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm"],
+    # huggingface_hub splits checkpoints into shards as save_pretrained does; accelerate builds
+    # skeletons on the meta device (init_empty_weights)
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "huggingface_hub>=0.25", "accelerate>=1.0"],
     extras_require={
         "triton": ["triton>=3.0"],
         # CuPy's build must match the driver's CUDA major version: cupy-cuda12x or cupy-cuda13x.
         "cublaslt": ["cupy-cuda12x"],
         "cublaslt-cu13": ["cupy-cuda13x"],
-        "diffusers": ["diffusers>=0.35", "transformers>=4.51", "pillow"],
+        # into an existing diffusers environment: pip install -e ".[diffusers]"
+        "diffusers": _DIFFUSERS,
+        # the Qwen-Image-Edit engine: transformers' Qwen2-VL processor imports torchvision
+        "engine": [*_DIFFUSERS, _torchvision_for_installed_torch()],
         "peers": ["torchao", "bitsandbytes"],
         # python -m qpipeline.serve; python-multipart: the endpoints' file uploads
-        "server": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "diffusers>=0.35",
-                   "transformers>=4.51", "pillow"],
+        "server": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", *_DIFFUSERS],
         # httpx: the server tests' client; selenium: the page's test (drives Debian's chromium-driver)
-        "dev": ["pytest", "triton>=3.0", "diffusers>=0.35", "transformers>=4.51", "pillow", "matplotlib",
+        "dev": ["pytest", "triton>=3.0", *_DIFFUSERS, "matplotlib",
                 "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx", "selenium>=4.10"],
     },
     package_data={"qpipeline": ["static/*.html"]},

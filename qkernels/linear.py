@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 from . import formats
 from .capabilities import device_reason
-from .errors import BackendUnavailableError, CheckpointError, InputError
+from .errors import BackendUnavailableError, CheckpointError, InputError, UnsupportedShapeError
 from .registry import Backend, get_backend, resolve_backend
 
 __all__ = ["QuantLinear", "QuantizedActivation"]
@@ -26,6 +27,8 @@ class QuantizedActivation(NamedTuple):
     q: torch.Tensor
     scale: torch.Tensor
     dtype: torch.dtype
+
+log = logging.getLogger("qkernels")
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Buffers whose dtype is part of the format: `model.to(torch.bfloat16)` moves them but must not
@@ -53,6 +56,36 @@ class _InferenceOnly(torch.autograd.Function):
         raise InputError(f"QuantLinear ({ctx.what}) is inference-only: it has no backward, and a gradient "
                          "through 8-bit kernels would be wrong. Run it under torch.no_grad() / "
                          "torch.inference_mode(), or keep the layers to train through as nn.Linear")
+
+
+class _NoBackend(Backend):
+    """Stands in for the backend of a layer on a device where none can compute it (its tensors are
+    on the meta device, or the chosen backend / every backend of the format cannot run there).
+    A forward raises the reason; moving the layer resolves again. Not registered."""
+
+    devices = ()
+
+    def __init__(self, requested: str, format: str, reason: str):
+        self.name, self.format, self.reason = requested, format, reason
+
+    def forward(self, layer, x):
+        raise BackendUnavailableError(self.reason)
+
+    def gemm(self, layer, q, scale, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+        raise BackendUnavailableError(self.reason)
+
+
+def _check_request(name: str, format: str, shape: tuple[int, int] | None) -> None:
+    """What does not depend on the device: the name exists, computes ``format`` and takes ``shape``."""
+    if name == "auto":
+        return
+    backend = get_backend(name)
+    if backend.format != format:
+        # the registry words the format mismatch (and lists the format's backends)
+        resolve_backend(name, "cpu", format=format)
+    reason = backend.unsupported_shape_reason(*shape) if shape is not None else None
+    if reason:
+        raise UnsupportedShapeError(f"backend {name!r} cannot take in={shape[0]}, out={shape[1]}: {reason}")
 
 
 class QuantLinear(nn.Module):
@@ -93,12 +126,13 @@ class QuantLinear(nn.Module):
         # Run-time low-rank branches: name -> (A [r, K], B [N, r], scale), in a compute dtype and
         # never in the state dict, so a checkpoint stays format-pure (see add_lora).
         self._loras: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        # The backend follows the device (see set_backend): `_requested` is what was asked for
+        # ("auto" or a name), `_backend` what computes on `_device`, the device it was resolved for.
+        _check_request(backend, fmt.name, (in_features, out_features))
+        self._requested = backend
         self._backend: Backend
-        if device.type == "meta":
-            # Tensors arrive later (load_quantized); the backend is chosen for the real device then.
-            self._backend = resolve_backend(backend, "cpu", format=fmt.name) if backend == "auto" else get_backend(backend)
-        else:
-            self._backend = resolve_backend(backend, device, format=fmt.name, shape=(in_features, out_features))
+        self._device: torch.device
+        self._resolve()
 
     # ----------------------------------------------------------------------------------------
     # construction
@@ -135,9 +169,11 @@ class QuantLinear(nn.Module):
         if w.device.type == "meta":
             raise InputError("cannot quantize a Linear on the meta device: its weights are not loaded")
         n, k = w.shape
-        chosen = resolve_backend(backend, w.device, format=format, shape=(k, n))
-        if chosen.name == "bf16":
+        if backend == "bf16":
             raise InputError("backend 'bf16' is the unquantized reference: keep the nn.Linear as it is")
+        fmt_name = cls.format_for(backend, w.device, format=format, shape=(k, n))
+        if backend != "auto" and w.device.type == "cuda":
+            resolve_backend(backend, w.device, format=fmt_name)  # a GPU that cannot run it: say so before quantizing
         smooth = None
         if input_smooth is not None:
             smooth = torch.as_tensor(input_smooth, dtype=torch.float32, device=w.device)
@@ -145,11 +181,11 @@ class QuantLinear(nn.Module):
                 raise InputError(f"input_smooth must be {k} finite positive values, got shape {tuple(smooth.shape)}")
 
         layer = cls(
-            k, n, linear.bias is not None, format=chosen.format, backend=chosen.name,
+            k, n, linear.bias is not None, format=fmt_name, backend=backend,
             static=input_scale is not None, smooth=smooth is not None,
             bias_dtype=linear.bias.dtype if linear.bias is not None else torch.bfloat16, device="meta",
         )
-        q, scale = formats.quantize_weight(w, chosen.format, smooth)
+        q, scale = formats.quantize_weight(w, fmt_name, smooth)
         layer.weight, layer.weight_scale = q, scale
         if linear.bias is not None:
             layer.bias = linear.bias.detach()
@@ -160,21 +196,110 @@ class QuantLinear(nn.Module):
             layer.input_scale = s
         if smooth is not None:
             layer.input_smooth = smooth
-        layer._backend = chosen
-        chosen.prepare(layer)
+        layer._resolve(strict=True)
         return layer
 
+    @staticmethod
+    def format_for(backend: str, device: torch.device | str, *, format: str | None = None,
+                   shape: tuple[int, int] | None = None) -> str:
+        """The format ``from_linear(linear, backend, format=format)`` gives a layer of
+        ``shape = (in_features, out_features)`` on ``device``.
+
+        An explicit backend brings its format (``format`` must agree). ``auto`` without ``format``
+        takes the format of the fastest backend that runs on ``device``; with ``format`` the
+        format is that, whether or not anything can compute it on this machine (a checkpoint for
+        a Hopper GPU can be written on a CPU box). Raises UnsupportedShapeError /
+        BackendUnavailableError for a shape no backend of the format takes here.
+        """
+        if format is not None:
+            formats.get_format(format)  # a clear error for an unknown name
+        if backend != "auto":
+            fmt = get_backend(backend).format
+            if format is not None and format != fmt:
+                resolve_backend(backend, "cpu", format=format)  # raises the mismatch, worded once
+            _check_request(backend, fmt, shape)
+            return fmt
+        try:
+            return resolve_backend("auto", device, format=format, shape=shape).format
+        except BackendUnavailableError:
+            if format is None:
+                raise
+            try:  # does anything run the format here? then the shape is what no backend takes
+                resolve_backend("auto", device, format=format)
+            except BackendUnavailableError:
+                return format  # nothing computes it on this device: it resolves where the layer goes
+            raise
+
     def set_backend(self, name: str) -> "QuantLinear":
-        """Compute with another backend of the same format (never re-quantizes)."""
-        backend = resolve_backend(name, self.weight.device, format=self.format,
-                                  shape=(self.in_features, self.out_features))
-        backend.prepare(self)
-        self._backend = backend
+        """Compute with ``name`` (``auto`` or a backend of the layer's format; never re-quantizes).
+
+        The choice is recorded and follows the layer: whenever its tensors move to another device
+        (``.to``, ``.cuda()``, offload hooks) it is resolved again for that device, never per call.
+        ``auto`` picks the fastest backend of the format there. On a CUDA device that cannot run
+        an explicit backend this raises BackendUnavailableError at once; on the CPU or the meta
+        device the choice is kept for the device the layer moves to, and a forward where it cannot
+        run raises BackendUnavailableError with the reason and the backends that can. An unknown
+        name, another format or a shape the backend cannot take raise at once wherever the layer is.
+        """
+        _check_request(name, self.format, (self.in_features, self.out_features))
+        previous = self._requested
+        self._requested = name
+        try:
+            self._resolve(strict=True)
+        except BaseException:
+            self._requested = previous
+            self._resolve()
+            raise
         return self
 
     @property
     def backend(self) -> str:
+        """The backend computing on the layer's device; where none can, the requested name."""
         return self._backend.name
+
+    @property
+    def backend_requested(self) -> str:
+        """What ``set_backend`` / ``from_linear`` was asked for: ``auto`` or a backend name."""
+        return self._requested
+
+    @property
+    def backend_unavailable_reason(self) -> str | None:
+        """None when a backend computes on the layer's device, else why none can."""
+        return self._backend.reason if isinstance(self._backend, _NoBackend) else None
+
+    def _resolve(self, strict: bool = False) -> None:
+        """Choose the backend for the device the tensors are on (construction, a move, a load)."""
+        device = self.weight.device
+        self._device = device
+        if device.type == "meta":
+            self._backend = _NoBackend(self._requested, self.format, (
+                f"this {self.format} layer is on the meta device (its tensors are not loaded): "
+                "load them or move it to a device first"))
+            return
+        try:
+            backend = resolve_backend(self._requested, device, format=self.format,
+                                      shape=(self.in_features, self.out_features))
+        except BackendUnavailableError as exc:
+            if strict and device.type == "cuda" and self._requested != "auto":
+                raise
+            where = "another device" if device.type != "cuda" else "a device that can run it"
+            self._backend = _NoBackend(self._requested, self.format, (
+                f"{exc}. The layer ({self.format}, backend {self._requested!r}) keeps its choice and resolves "
+                f"again when moved to {where}; to compute here, set_backend() one that runs on {device}"))
+            log.debug("no backend for a %s layer on %s: %s", self.format, device, exc)
+            return
+        backend.prepare(self)
+        self._backend = backend
+
+    def _moved(self, x: torch.Tensor) -> None:
+        # Off the hot path: the input is not on the device the backend was resolved for. Either
+        # the tensors were moved without Module._apply (accelerate's set_module_tensor_to_device,
+        # `buffer.data = ...` in group offload): resolve for where they are now, once; or the
+        # input is on the wrong device.
+        if self.weight.device != self._device:
+            self._resolve()
+        if x.device != self._device:
+            raise InputError(f"input on {x.device}, layer on {self.weight.device}: move one of them")
 
     # ----------------------------------------------------------------------------------------
     # compute
@@ -182,8 +307,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         if type(x) is QuantizedActivation:
             return self.forward_quantized(x)
-        if x.device != self.weight.device:
-            raise InputError(f"input on {x.device}, layer on {self.weight.device}: move one of them")
+        if x.device != self._device:
+            self._moved(x)
         if x.dtype not in _INPUT_DTYPES:
             raise InputError(f"input dtype {x.dtype} not supported; use bfloat16, float16 or float32")
         if x.shape[-1] != self.in_features:
@@ -217,7 +342,9 @@ class QuantLinear(nn.Module):
                              "give it the high-precision activation")
         if self._loras:
             raise InputError("run-time LoRA branches need the high-precision input: give the layer a plain tensor")
-        if q.shape[-1] != self.in_features or q.device != self.weight.device:
+        if q.device != self._device:
+            self._moved(q)
+        if q.shape[-1] != self.in_features:
             raise InputError(f"quantized input {tuple(q.shape)} on {q.device}; layer expects {self.in_features} "
                              f"features on {self.weight.device}")
         lead = q.shape[:-1]
@@ -272,10 +399,16 @@ class QuantLinear(nn.Module):
 
     def _add_loras(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for A, B, scale in self._loras.values():
-            # `.to` is a no-op when the branch is already in the input dtype (the usual case).
-            h = x @ A.to(x.dtype).t()
-            y = torch.addmm(y, h, B.to(x.dtype).t(), alpha=scale)  # y + scale * h @ B.T, one pass
+            y = self.lora_branch(x, y, A, B, scale)
         return y
+
+    @staticmethod
+    def lora_branch(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """``y + scale * (x @ A.T) @ B.T`` for x [M, K], y [M, N] in x's dtype: the run-time LoRA
+        branch (add_lora, and PEFT's LoRA layers on a QuantLinear)."""
+        # `.to` is a no-op when the branch is already in the input dtype (the usual case).
+        h = x @ A.to(x.dtype).t()
+        return torch.addmm(y, h, B.to(x.dtype).t(), alpha=scale)  # y + scale * h @ B.T, one pass
 
     # ----------------------------------------------------------------------------------------
     # nn.Module plumbing
@@ -295,6 +428,8 @@ class QuantLinear(nn.Module):
         # LoRA tensors follow device and compute dtype, but never an 8-bit dtype.
         for name, (A, B, scale) in self._loras.items():
             self._loras[name] = (_apply_float(fn, A), _apply_float(fn, B), scale)
+        if self.weight.device != self._device:  # moved: the backend follows the device
+            self._resolve()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -308,12 +443,15 @@ class QuantLinear(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self.weight.device != self._device:  # load_state_dict(assign=True) onto a device
+            self._resolve()
 
     def extra_repr(self) -> str:
         act = "weight-only" if not formats.get_format(self.format).quantizes_activations else (
             "static" if self.input_scale is not None else "dynamic")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, format={self.format}, backend={self.backend}, "
+                f"bias={self.bias is not None}, format={self.format}, backend={self.backend}"
+                + (" (none runs here)" if self.backend_unavailable_reason else "") + ", "
                 f"activation={act}" + (", smoothed" if self.input_smooth is not None else "")
                 + (f", loras={list(self._loras)}" if self._loras else ""))
 

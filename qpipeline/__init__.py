@@ -14,6 +14,7 @@ _EXPORTS = {
     "Recipe": "recipe", "RECIPES": "recipe", "get_recipe": "recipe",
     "quantize_model": "quantize", "QuantReport": "quantize", "LayerReport": "quantize",
     "save_quantized": "checkpoint", "load_quantized": "checkpoint",
+    "QKernelsConfig": "integrations.diffusers",
 }
 
 __all__ = list(_EXPORTS)
@@ -29,3 +30,8 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_EXPORTS])
+
+# diffusers / transformers learn the "qkernels" quantization method when they are imported
+from .integrations import install as _install_integrations  # noqa: E402
+
+_install_integrations()

@@ -276,6 +276,9 @@ def _describe_model(model: nn.Module) -> dict:
         d["config_class"] = _class_path(model.config)
     elif kind == "diffusers":
         d["config"] = dict(model.config)
+    if d["config"] is not None:  # the quantization block is rebuilt from "layers" on load
+        d["config"].pop("quantization_config", None)
+        d["config"].pop("_pre_quantization_dtype", None)
     # through JSON now, so that an unserializable config fails the save, not a later load
     d["config"] = json.loads(json.dumps(d["config"], default=_json_value))
     return d
@@ -286,18 +289,10 @@ def params_on_meta():
     """Build modules with their parameters on the meta device (no memory, no init compute),
     while buffers and plain tensor attributes (rotary tables, position ids) are computed on the
     CPU as usual: they are not in a state dict, so they must be real after loading."""
-    original = nn.Module.register_parameter
+    from accelerate import init_empty_weights
 
-    def register_parameter(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register_parameter
-    try:
+    with init_empty_weights(include_buffers=False):
         yield
-    finally:
-        nn.Module.register_parameter = original
 
 
 def _build_skeleton(desc: dict, skeleton=None, ckpt: Path | None = None) -> nn.Module:
@@ -335,18 +330,87 @@ def _non_persistent_buffers(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _shard(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    shards, cur, size = [], [], 0
-    for key, t in tensors:
-        n = t.numel() * t.element_size()
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((key, t))
-        size += n
-    if cur or not shards:
-        shards.append(cur)
-    return shards
+def _weights_name(model: nn.Module) -> str:
+    """The weights file name the model's library reads: diffusers' for its models, else model.safetensors."""
+    return "diffusion_pytorch_model.safetensors" if _model_kind(model) == "diffusers" else WEIGHTS_NAME
+
+
+def _index_name(model: nn.Module) -> str:
+    return _weights_name(model) + ".index.json"
+
+
+def _plan_shards(model: nn.Module, tensors: list[tuple[str, torch.Tensor]], max_bytes: int):
+    """(file names, [(key, tensor), ...] per file): huggingface_hub's split and names, as
+    save_pretrained writes them, so from_pretrained reads the folder."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    pattern = _weights_name(model).replace(".safetensors", "{suffix}.safetensors")
+    split = split_torch_state_dict_into_shards(dict(tensors), filename_pattern=pattern, max_shard_size=max_bytes)
+    order = {key: i for i, (key, _) in enumerate(tensors)}
+    by_name = dict(tensors)
+    names = list(split.filename_to_tensors)
+    shards = [sorted(((k, by_name[k]) for k in split.filename_to_tensors[f]), key=lambda kv: order[kv[0]])
+              for f in names]
+    return names, shards
+
+
+def _write_standard_layout(model: nn.Module, folder: Path) -> None:
+    """config.json with a quantization_config block, written by the model's library, so that
+    ``Model.from_pretrained(folder)`` rebuilds the same 8-bit model (a plain nn.Module has no
+    standard config: it gets none)."""
+    from .integrations import mark_quantized
+
+    kind = _model_kind(model)
+    if kind == "module":
+        return
+    mark_quantized(model)
+    if kind == "diffusers":
+        model.save_config(str(folder))
+    else:
+        from .integrations._common import model_dtype
+
+        dtype = model_dtype(model)
+        if dtype is not None:  # as save_pretrained does: from_pretrained's dtype="auto" reads it
+            model.config.dtype = dtype
+        model.config.save_pretrained(str(folder))
+
+
+def _read_config_json(ckpt: Path) -> dict | None:
+    """The quantization_config block of a folder's config.json when it says qkernels, else None."""
+    path = ckpt / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    block = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if isinstance(block, dict) and block.get("quant_method") == "qkernels":
+        return cfg
+    return None
+
+
+def _load_with_library(ckpt: Path, cfg: dict, device: torch.device, backend: str) -> nn.Module:
+    """A folder written by save_pretrained (no manifest of ours): the library's from_pretrained,
+    which our quantizer serves; the class is looked up in diffusers / transformers only."""
+    if "_class_name" in cfg:
+        import diffusers
+
+        cls = getattr(diffusers, cfg["_class_name"], None)
+    else:
+        import transformers
+
+        archs = cfg.get("architectures") or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise CheckpointError(f"{ckpt}/config.json names no diffusers or transformers model class this "
+                              "installation has")
+    model = cls.from_pretrained(str(ckpt), device_map=str(device))
+    if backend != "auto":
+        for m in model.modules():
+            if isinstance(m, QuantLinear) and get_backend(backend).format == m.format:
+                m.set_backend(backend)
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,9 +599,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, report=None, *, overwr
                             "bias_dtype": _dtype_name(m.bias.dtype) if m.bias is not None else None,
                             "in_features": m.in_features, "out_features": m.out_features, "backend": m.backend}
 
-    shards = _shard(tensors, max_shard_bytes)
-    names = ([WEIGHTS_NAME] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names, shards = _plan_shards(model, tensors, max_shard_bytes)
 
     needed = sum(t.numel() * t.element_size() for _, t in tensors)
     try:
@@ -557,7 +619,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, report=None, *, overwr
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in tensors)},
                      "weight_map": {k: f for f, shard in zip(names, shards) for k, _ in shard}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / _index_name(model)).write_text(json.dumps(index, indent=2) + "\n")
+        _write_standard_layout(model, tmp)
         config = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "qkernels_version": qkernels.__version__,
@@ -758,6 +821,10 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
     t0 = time.perf_counter()
     ckpt = Path(out_dir)
     device = _usable_device(device)
+    if ckpt.is_dir() and not (ckpt / CONFIG_NAME).is_file() and (hf := _read_config_json(ckpt)) is not None:
+        model = _load_with_library(ckpt, hf, device, backend)
+        model.load_seconds = time.perf_counter() - t0
+        return model
     config = _read_config(ckpt)
     _check_config(config, verify)
     where = _check_files(ckpt, config, verify)
@@ -864,6 +931,9 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
         if isinstance(m, QuantLinear):
             m.set_backend(backend if backend != "auto" and get_backend(backend).format == m.format else "auto")
     model.eval().requires_grad_(False)
+    from .integrations import mark_quantized
+
+    mark_quantized(model)  # save_pretrained of the loaded model writes a quantized folder
     recipe = config.get("recipe") or {}
     if recipe.get("attention"):  # the joint attention's kernel the checkpoint was made for
         from qkernels.attention.diffusers_plugin import set_attention
@@ -882,7 +952,36 @@ def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", back
 # plain (unquantized) models from local files, for the CLI
 
 
-def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def _weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one checkpoint in ``folder``, as from_pretrained picks them: the
+    index's files when there is an index, else ``<name>.safetensors`` / ``<name>-0000i-of-0000n``
+    without a variant infix (or with ``.<variant>``), never both a file and its variant copy
+    (``model.safetensors`` beside ``model.fp16.safetensors``)."""
+    import re
+
+    infix = rf"\.{re.escape(variant)}" if variant else ""
+    indexes = sorted(p for p in folder.glob("*.safetensors.index.json")
+                     if re.fullmatch(rf"[^.]+{infix}\.safetensors\.index\.json", p.name))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{folder} holds several checkpoints ({', '.join(p.name for p in indexes)}); keep one")
+    if indexes:
+        try:
+            names = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"{indexes[0]} is not a safetensors index ({exc})") from None
+        if any(Path(n).name != n for n in names):
+            raise CheckpointError(f"{indexes[0].name} names files outside {folder}")
+        return [folder / n for n in names]
+    pattern = re.compile(rf"[^.]+?(-\d{{5}}-of-\d{{5}})?{infix}\.safetensors")
+    files = sorted(p for p in folder.glob("*.safetensors") if pattern.fullmatch(p.name))
+    stems = {re.sub(r"-\d{5}-of-\d{5}", "", p.name) for p in files}
+    if len(stems) > 1:
+        raise CheckpointError(f"{folder} holds several checkpoints ({', '.join(sorted(stems))}); keep one")
+    return files
+
+
+def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+                    variant: str | None = None) -> nn.Module:
     """A diffusers or transformers model from a local folder (``config.json`` + ``*.safetensors``,
     or a diffusers pipeline folder, whose ``transformer/`` is used) or one ``.safetensors`` file with
     ``config``. Parameters are built on meta and assigned from the files in ``dtype``: the model is
@@ -892,7 +991,7 @@ def load_pretrained(path: str | Path, config: str | Path | None = None, dtype: t
         if (path / "transformer").is_dir():
             path = path / "transformer"
         cfg_path = Path(config) if config else path / "config.json"
-        files = sorted(path.glob("*.safetensors"))
+        files = _weight_files(path, variant)
         if not files:
             for p in path.iterdir():
                 _refuse_pickle(p)

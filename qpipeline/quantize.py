@@ -263,16 +263,14 @@ def _quantize_one(name, linear: nn.Linear, recipe: Recipe, backend_name: str, ca
     if linear.weight.dtype not in _FLOAT_DTYPES:
         return kept(f"weight dtype {linear.weight.dtype} is not bf16/fp16/fp32")
     dev = linear.weight.device
-    # the recipe's format narrows "auto"; a rule's explicit backend brings its own format
+    # the recipe's format narrows "auto"; a rule's explicit backend brings its own format. The
+    # format does not depend on this machine (an fp8 checkpoint can be written on a CPU box); a
+    # shape no backend of it takes keeps just this layer in high precision.
     want = recipe.format if backend_name == "auto" else None
-    # The device must be able to run the backend at all (an error for the whole run) ...
-    resolve_backend(backend_name, dev, format=want)
-    # ... while a shape it cannot take keeps just this layer in high precision.
     try:
-        chosen = resolve_backend(backend_name, dev, format=want, shape=(k, n))
+        fmt = formats.get_format(QuantLinear.format_for(backend_name, dev, format=want, shape=(k, n)))
     except (UnsupportedShapeError, BackendUnavailableError) as exc:
         return kept(str(exc))
-    fmt = formats.get_format(chosen.format)
 
     stats = calibration.for_layer(name) if calibration is not None else None
     activation, input_scale, smooth = "dynamic", None, None
@@ -298,12 +296,24 @@ def _quantize_one(name, linear: nn.Linear, recipe: Recipe, backend_name: str, ca
 
     x = _probe(k, linear.weight.dtype, dev, stats)
     ref = linear(x)
-    q = QuantLinear.from_linear(linear, chosen.name, format=chosen.format,
+    q = QuantLinear.from_linear(linear, backend_name, format=fmt.name,
                                 activation="static" if input_scale is not None else "dynamic",
                                 input_scale=input_scale, input_smooth=smooth)
-    err = _rel_error(q(x), ref)
-    return q, LayerReport(name, k, n, chosen.format, chosen.name, None, before, q.nbytes(), err,
+    return q, LayerReport(name, k, n, fmt.name, q.backend, None, before, q.nbytes(), _probe_error(q, x, ref),
                           activation, smooth is not None)
+
+
+def _probe_error(q: QuantLinear, x: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """The layer's error on the probe; where its backend cannot run here (a checkpoint made for
+    another device), measured with a backend of the same format that can (same stored tensors,
+    same quantization error), or None when none can."""
+    if q.backend_unavailable_reason is None:
+        return _rel_error(q(x), ref)
+    try:
+        other = resolve_backend("auto", x.device, format=q.format, shape=(q.in_features, q.out_features))
+    except BackendUnavailableError:
+        return None
+    return _rel_error(other.forward(q, x.contiguous()), ref)
 
 
 def _move_non_linear(model: nn.Module, device: torch.device) -> None:
@@ -368,6 +378,9 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
         from .sensitivity import apply_error_budget
 
         decided = apply_error_budget(model, recipe, sites, calibration, device, inputs, _quantize_one, report)
+    from .integrations._common import tied_linears
+
+    tied = tied_linears(model)
     for name, places in tqdm(sites, desc="quantizing", unit="layer", disable=None, leave=False):
         parent, attr = places[0]
         backend_name, rule = recipe.backend_for(name)
@@ -375,6 +388,12 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
             used_rules.add(rule)
         if name in decided:
             report.layers.append(decided[name])
+            continue
+        if name in tied and backend_name != SKIP:
+            lin = parent._modules[attr]
+            before = sum(t.numel() * t.element_size() for t in (lin.weight, lin.bias) if t is not None)
+            report.layers.append(LayerReport(name, lin.in_features, lin.out_features, None, None, tied[name],
+                                             before, before, None))
             continue
         linear = parent._modules[attr]
         if device is not None:
@@ -401,6 +420,9 @@ def quantize_model(model: nn.Module, recipe_or_backend_name: Recipe | str = "gen
 
         report.fuse = fuse_model(model).to_dict()
     report.seconds = time.perf_counter() - t0
+    from .integrations import mark_quantized
+
+    mark_quantized(model)  # a diffusers/transformers save_pretrained then writes a quantized folder
     return report
 
 
@@ -549,7 +571,11 @@ def _run(argv) -> int:
     if args.attention:
         changes["attention"] = args.attention
     recipe = recipe.replace(**changes)  # validates
-    resolve_backend(recipe.backend, device, format=recipe.format)  # can it run here at all?
+    try:  # can it run here? If not, the checkpoint is still written, for a device that can
+        resolve_backend(recipe.backend, device, format=recipe.format)
+    except BackendUnavailableError as exc:
+        print(f"note: {exc}. The checkpoint is written in its format; it computes once loaded on a "
+              "device that can run it", flush=True)
 
     calibration_path = args.calibration
     if recipe.activation == "static" and not calibration_path:

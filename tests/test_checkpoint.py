@@ -73,12 +73,12 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 def rewrite(ckpt: Path, edit_tensors=None, edit_config=None):
     """Change the stored tensors / config, then re-record the shard's size and sha256 and the
     config's checksum, so that the check under test is the one that must catch it (not a hash)."""
-    path = ckpt / "model.safetensors"
+    path = ckpt / "diffusion_pytorch_model.safetensors"
     config = json.loads((ckpt / "quantization_config.json").read_text())
     if edit_tensors:
         tensors = edit_tensors(dict(load_file(path)))
         save_file(tensors, path)
-        config["shards"]["model.safetensors"] = {"bytes": path.stat().st_size,
+        config["shards"]["diffusion_pytorch_model.safetensors"] = {"bytes": path.stat().st_size,
                                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if edit_config:
         edit_config(config)
@@ -105,7 +105,7 @@ def test_save_load_identical_outputs(tiny_demo, saved):
     for key, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], t), key
     # the file is plain safetensors: any reader sees the same tensors
-    with safe_open(str(saved / "model.safetensors"), "pt") as f:
+    with safe_open(str(saved / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("transformer_blocks.0.attn.to_q.weight"), model.transformer_blocks[0].attn.to_q.weight)
     cfg = json.loads((saved / "quantization_config.json").read_text())
     assert cfg["format_version"] == 1 and cfg["model"]["class"].endswith(":QwenImageTransformer2DModel")
@@ -170,8 +170,8 @@ def test_sharded_checkpoint(tiny_demo, tmp_path):
     model, report, inputs, out = tiny_demo
     path = save_quantized(model, tmp_path / "q", report, max_shard_bytes=100_000)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
-    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and shards[0] == f"diffusion_pytorch_model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((path / "diffusion_pytorch_model.safetensors.index.json").read_text())
     cfg = json.loads((path / "quantization_config.json").read_text())
     assert set(index["weight_map"]) == set(cfg["tensors"]) and set(index["weight_map"].values()) == set(shards)
     loaded = load_quantized(path)
@@ -234,22 +234,22 @@ def test_transformers_model_round_trip(tmp_path):
 
 def test_truncated_file_refused(saved, tmp_path):
     ck = copy_checkpoint(saved, tmp_path / "c")
-    data = (ck / "model.safetensors").read_bytes()
-    (ck / "model.safetensors").write_bytes(data[:-100])
+    data = (ck / "diffusion_pytorch_model.safetensors").read_bytes()
+    (ck / "diffusion_pytorch_model.safetensors").write_bytes(data[:-100])
     with pytest.raises(CheckpointError, match="truncated or was replaced"):
         load_quantized(ck)
     # even with the config's size and hash made to agree, the header shows the truncation
-    rewrite(ck, edit_config=lambda c: c["shards"].update({"model.safetensors": {
+    rewrite(ck, edit_config=lambda c: c["shards"].update({"diffusion_pytorch_model.safetensors": {
         "bytes": len(data) - 100, "sha256": hashlib.sha256(data[:-100]).hexdigest()}}))
-    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors is truncated"):
         load_quantized(ck)
 
 
 def test_tampered_file_refused(saved, tmp_path):
     ck = copy_checkpoint(saved, tmp_path / "c")
-    data = bytearray((ck / "model.safetensors").read_bytes())
+    data = bytearray((ck / "diffusion_pytorch_model.safetensors").read_bytes())
     data[-1000] ^= 0x40
-    (ck / "model.safetensors").write_bytes(bytes(data))
+    (ck / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256 differs"):
         load_quantized(ck)
     load_quantized(ck, verify=False)  # sizes and headers only: documented to accept it
@@ -278,7 +278,7 @@ def test_wrong_dtype_and_shape_refused(saved, tmp_path):
     # against the manifest
     ck = copy_checkpoint(saved, tmp_path / "a")
     rewrite(ck, lambda t: {**t, "img_in.weight": t["img_in.weight"].float()})
-    with pytest.raises(CheckpointError, match=r"img_in.weight in model.safetensors is float32.*says bfloat16"):
+    with pytest.raises(CheckpointError, match=r"img_in.weight in diffusion_pytorch_model.safetensors is float32.*says bfloat16"):
         load_quantized(ck)
     # against the format: an int8 layer's weight stored as bf16 (manifest edited to agree)
     key = "transformer_blocks.0.attn.to_q.weight"
@@ -345,7 +345,7 @@ def test_existing_output_refused_and_failed_save_keeps_old(tiny_demo, saved, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temp folder left behind
     monkeypatch.setattr(ckmod, "_write_safetensors", real)
     save_quantized(model, target, report, overwrite=True, max_shard_bytes=100_000)
-    assert not (target / "model.safetensors").exists() and (target / "model.safetensors.index.json").exists()
+    assert not (target / "diffusion_pytorch_model.safetensors").exists() and (target / "diffusion_pytorch_model.safetensors.index.json").exists()
     with torch.no_grad():
         assert torch.equal(load_quantized(target)(**inputs)[0], out)
 

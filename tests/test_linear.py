@@ -210,8 +210,12 @@ def test_unavailable_backend_names_reason_and_alternatives():
     try:
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA; the CPU-only case is what is tested here")
+        # On the CPU the choice is recorded for the device the layer moves to (see
+        # test_device_follow.py); computing here names the reason and what can run here.
+        layer = QuantLinear.from_linear(make_linear(64, 32), "test-cuda-only")
+        assert layer.backend == "test-cuda-only" and layer.backend_unavailable_reason is not None
         with pytest.raises(BackendUnavailableError, match=r"runs on cuda.*Available here: int8-torch"):
-            QuantLinear.from_linear(make_linear(64, 32), "test-cuda-only")
+            layer(torch.randn(3, 64, dtype=torch.bfloat16))
     finally:
         del _BACKENDS[CudaOnly.name]
 

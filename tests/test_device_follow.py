@@ -14,6 +14,7 @@ from qkernels import linear as qlinear
 from qkernels.backends.torch_native import quantize_activation
 from qkernels.registry import _BACKENDS, AUTO_PREFERENCE, Backend, register_backend
 from qpipeline import Recipe, load_quantized, quantize_model, save_quantized
+from qpipeline.checkpoint import register_model_class
 from qpipeline import quantize as qmod
 
 from .metrics import predicted_error, rel_error
@@ -30,6 +31,7 @@ def make_linear(k=64, n=48, dtype=torch.bfloat16):
     return lin.to(dtype)
 
 
+@register_model_class  # checkpoints build only registered plain modules
 class Stack(nn.Module):
     def __init__(self, width: int = 64, depth: int = 2):
         super().__init__()

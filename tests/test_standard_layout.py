@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qkernels import QuantLinear
+import qpipeline.checkpoint as ckmod
 from qpipeline import load_quantized, quantize_model, save_quantized
 from qpipeline.demo import build_demo_transformer, demo_inputs
 
@@ -91,6 +92,7 @@ def test_todays_layout_still_loads(demo, tmp_path):
     (d / "diffusion_pytorch_model.safetensors").rename(d / "model.safetensors")
     manifest = json.loads((d / "quantization_config.json").read_text())
     manifest["shards"] = {"model.safetensors": manifest["shards"].pop("diffusion_pytorch_model.safetensors")}
+    manifest["config_sha256"] = ckmod._config_digest(manifest)
     (d / "quantization_config.json").write_text(json.dumps(manifest))
     loaded = load_quantized(d)
     assert_identical(model, loaded)

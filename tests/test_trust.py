@@ -226,7 +226,7 @@ def test_cli_report_refuses_existing_files_and_the_model_and_the_checkpoint(tiny
     before = files(tmp_path)
     monkeypatch.setattr(qmod, "quantize_model", lambda *a, **k: pytest.fail("quantized before refusing"))
     for report, overwrite in ((model / "transformer" / "config.json", True), (keep, False),
-                              (out / "model.safetensors", True), (out / "quantization_config.json", False)):
+                              (out / "diffusion_pytorch_model.safetensors", True), (out / "quantization_config.json", False)):
         rc = qmod.main(["--model", str(model), "--out", str(out), "--report", str(report), "--device", "cpu"]
                        + (["--overwrite"] if overwrite else []))
         one_line_error(capsys, rc, "--report")
@@ -241,7 +241,7 @@ def test_cpu_load_is_not_the_files_memory_map(demo, saved, tmp_path):
     _, _, inputs, out = demo
     ck = copy_tree(saved, tmp_path / "q")
     loaded = load_quantized(ck)
-    shard = ck / "model.safetensors"
+    shard = ck / "diffusion_pytorch_model.safetensors"
     size = shard.stat().st_size
     with open(shard, "r+b") as f:  # what `cp new/* q/` does to a live file, byte for byte
         f.seek(size // 4)
@@ -250,7 +250,7 @@ def test_cpu_load_is_not_the_files_memory_map(demo, saved, tmp_path):
         assert torch.equal(loaded(**inputs)[0], out)
     # the opt-in map does see the edit: the check above can fail
     mapped = load_quantized(copy_tree(saved, tmp_path / "m"), mmap=True)
-    m_shard = tmp_path / "m" / "model.safetensors"
+    m_shard = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
     with open(m_shard, "r+b") as f:
         f.seek(size // 4)
         f.write(b"\xff" * (size // 2))
@@ -286,7 +286,7 @@ def test_cpu_load_survives_truncation_of_its_file(saved, tmp_path):
 
     def child():
         model = load_quantized(ck)
-        os.truncate(ck / "model.safetensors", 0)
+        os.truncate(ck / "diffusion_pytorch_model.safetensors", 0)
         # touch every byte (numpy: no torch thread pool in a forked child); a mapped tensor dies here (SIGBUS)
         return 0 if sum(int(t.reshape(-1).view(torch.uint8).numpy().sum() >= 0) for t in model.state_dict().values()) else 3
 
@@ -776,7 +776,7 @@ def test_malformed_model_folders_are_named(tmp_path, capsys):
     (lambda c: next(iter(c["layers"].values())).pop("in_features"), "in_features"),
     (lambda c: next(iter(c["layers"].values())).update(static="no"), "static"),
     (lambda c: c["tensors"].update({next(iter(c["tensors"])): [1]}), "dtype"),
-    (lambda c: c["shards"]["model.safetensors"].update(bytes="12"), "bytes"),
+    (lambda c: next(iter(c["shards"].values())).update(bytes="12"), "bytes"),
     (lambda c: c["model"].update(config="x"), "model.config"),
     (lambda c: c.update(model=[]), "'model' must be an object"),
     (lambda c: c.update(aliases={"a": "no.such.tensor"}), "aliases"),

@@ -177,6 +177,16 @@ def test_op_declaration():
     assert rel_error(torch.cat([o0, o1], 1), torch.cat([r0, r1], 1)) <= 2**-8
 
 
+def test_fp16_inputs():
+    q, k, v = inputs(1, 1, 100, 64, dtype=torch.float16, v_mean=0.5)
+    o = sdpa(q, k, v)
+    assert o.dtype == torch.float16
+    ref = quantized_attention(q, k, v)
+    if DEV.type == "cpu":
+        assert matches_reference(o, ref)
+    assert matches_fp64(o, attention_fp64(q, k, v), fp64_bound(q, k, v))
+
+
 def test_strided_inputs_equal_contiguous():
     q, k, v = inputs(1, 2, 96, 64)
     qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # [B, S, H, D] memory

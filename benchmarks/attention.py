@@ -139,7 +139,7 @@ def _kernel_only(q, k, v):
     out = torch.empty_like(qt)
 
     def run():
-        ka.attention_core(*ops, bias, out, out, 0, s)
+        ka.attention_core(*ops, out, out, 0, s)
         return out
     return run
 

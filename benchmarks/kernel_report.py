@@ -216,8 +216,7 @@ def _attention_rows(args, rows: list[dict]) -> None:
     i8, e4, f32, bf16 = torch.int8, torch.float8_e4m3fn, torch.float32, torch.bfloat16
     s_pad = -(-ATTENTION_S // mod.PAD) * mod.PAD
     d, h = 128, 24
-    targs = (_tiny(i8), _tiny(i8), _tiny(e4), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(bf16),
-             _tiny(bf16), 0, ATTENTION_S, h, s_pad, s_pad, 16384, ATTENTION_S * h * d, h * d, d,
+    targs = (_tiny(i8), _tiny(i8), _tiny(e4), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(bf16), _tiny(bf16), 0, ATTENTION_S, h, s_pad, s_pad, 16384, ATTENTION_S * h * d, h * d, d,
              ATTENTION_S * h * d, h * d, d)
     for config in mod._attention_kernel.configs:
         c = config.kwargs

@@ -13,6 +13,7 @@ Importing this package imports torch only; Triton is imported on the first quant
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -61,13 +62,21 @@ def _check_qkv(q, k, v, layout: str) -> None:
         raise InputError("query, key and value are on different devices")
 
 
+@functools.lru_cache(maxsize=64)
+def _unmasked_bias(b: int, sk: int, sk_pad: int, device: torch.device) -> torch.Tensor:
+    """The key bias without a mask (0, then -inf on the padding), built once per shape: the kernel only
+    reads it."""
+    bias = torch.full((b, sk_pad), float("-inf"), dtype=torch.float32, device=device)
+    bias[:, :sk] = 0.0
+    return bias
+
+
 def _key_bias(attn_mask: torch.Tensor | None, b: int, sk: int, sk_pad: int, device) -> torch.Tensor:
     """The kernel's [B, SK_pad] fp32 key bias: 0 attend, -inf masked and past Sk. ``attn_mask``: bool
     (True = attend) or additive float, [B, Sk] or broadcastable to [B, 1, 1, Sk]."""
-    bias = torch.full((b, sk_pad), float("-inf"), dtype=torch.float32, device=device)
     if attn_mask is None:
-        bias[:, :sk] = 0.0
-        return bias
+        return _unmasked_bias(b, sk, sk_pad, device)
+    bias = torch.full((b, sk_pad), float("-inf"), dtype=torch.float32, device=device)
     m = attn_mask
     if m.dim() == 4:
         if m.shape[1] != 1 or m.shape[2] != 1:

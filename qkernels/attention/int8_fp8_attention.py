@@ -15,7 +15,8 @@ the largest BLOCK_N / BLOCK_M), so the attention kernel's loads need no masks:
 * ``q8``, ``k8``: int8 [B*H, S_pad, D], D contiguous: K-major operands of the int8 dot;
 * ``v8t``: e4m3 [B*H, D, S_pad], tokens contiguous: the K-major B operand 8-bit wgmma needs for
   ``P [BLOCK_M, BLOCK_N] @ V [BLOCK_N, D]``;
-* ``q_scale``, ``k_scale``: fp32 [B*H, S_pad], one scale per token (a block of one token: the
+* ``q_scale`` fp32 [B*H, S_pad], ``k_scale`` fp32 [B*H, 2, S_pad] (scale; offset = bias - 1.5 * 2^23
+  * scale, see the kernel's int32 -> fp32 conversion), one scale per token (a block of one token: the
   attention kernel applies them as row / column scales of S at no extra cost, and an outlier
   token costs its block nothing);
 * ``v_scale``: fp32 [B*H, D]; ``bias``: fp32 [B, S_pad], 0 / -inf per key (mask and padding).
@@ -123,7 +124,14 @@ def _quantize_kernel(
         qv = tl.minimum(tl.maximum(qv, -127.0), 127.0)
         qv = (qv + 12582912.0) - 12582912.0  # round half to even (see _common.RINT_MAGIC)
         tl.store(out_ptr + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], qv.to(tl.int8))
-        tl.store(scale_ptr + bh * S_PAD + rows, scale * SCALE_MUL)
+        if KIND == 1:
+            # [2, S_PAD] per head: the scale, and the offset that turns the int32 score's magic-number
+            # float (see _attention_kernel) into scale * s + bias with one multiply-add
+            kb = tl.load(bias_ptr + b * S_PAD + rows)
+            tl.store(scale_ptr + bh * 2 * S_PAD + rows, scale)
+            tl.store(scale_ptr + bh * 2 * S_PAD + S_PAD + rows, kb - 12582912.0 * scale)
+        else:
+            tl.store(scale_ptr + bh * S_PAD + rows, scale * SCALE_MUL)
 
 
 def _cfg(bm, bn, stages, warps):
@@ -147,7 +155,7 @@ CONFIGS = [_cfg(64, 64, 1, 4)] if INTERPRET else [
 @triton.autotune(configs=CONFIGS, key=["S_BUCKET", "HEAD_DIM"])
 @triton.jit(do_not_specialize=["S_BUCKET"])
 def _attention_kernel(
-    q8_ptr, k8_ptr, v8t_ptr, qs_ptr, ks_ptr, vs_ptr, bias_ptr, o0_ptr, o1_ptr,
+    q8_ptr, k8_ptr, v8t_ptr, qs_ptr, ks_ptr, vs_ptr, o0_ptr, o1_ptr,
     S0, SQ, H, SQ_PAD, SK_PAD, S_BUCKET,
     o0_b, o0_s, o0_h, o1_b, o1_s, o1_h,
     HEAD_DIM: tl.constexpr, SOFT_FP8: tl.constexpr,
@@ -164,15 +172,20 @@ def _attention_kernel(
     qs = tl.load(qs_ptr + bh * SQ_PAD + offs_m)
     k_ptrs = k8_ptr + bh * SK_PAD * HEAD_DIM + offs_n[None, :] * HEAD_DIM + offs_d[:, None]  # [D, BN]
     v_ptrs = v8t_ptr + bh * HEAD_DIM * SK_PAD + offs_d[None, :] * SK_PAD + offs_n[:, None]  # [BN, D]
-    ks_ptrs = ks_ptr + bh * SK_PAD + offs_n
-    bias_ptrs = bias_ptr + b * SK_PAD + offs_n
+    ks_ptrs = ks_ptr + bh * 2 * SK_PAD + offs_n  # K's scale; SK_PAD further: its offset (bias included)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for _ in range(0, SK_PAD, BLOCK_N):
         k = tl.load(k_ptrs)
-        s = tl.dot(q, k)  # int32, exact: |s| <= 127^2 * D < 2^24, so the fp32 conversion is exact too
-        t = s.to(tl.float32) * tl.load(ks_ptrs)[None, :] + tl.load(bias_ptrs)[None, :]
+        s = tl.dot(q, k)  # int32, exact: |s| <= 127^2 * D = 2,064,512 < 2^22
+        # int32 -> fp32 without I2F (a quarter-rate conversion on sm90, as slow as the exp2s): for
+        # |s| < 2^22, the bits of s + 0x4B400000 are the float 1.5 * 2^23 + s, exactly; the
+        # 1.5 * 2^23 * k_scale it adds is taken back by K's offset in the same multiply-add, so
+        # t = s * k_scale + bias (one rounding of the offset: ~2^-24 * 1.5 * 2^23 = 0.75 units of
+        # the integer score, under its int8 quantization error of ~sqrt(D) units).
+        sf = (s + 0x4B400000).to(tl.float32, bitcast=True)
+        t = sf * tl.load(ks_ptrs)[None, :] + tl.load(ks_ptrs + SK_PAD)[None, :]
         m_new = tl.maximum(m_i, tl.max(t, 1) * qs)  # qs > 0: max(t) * qs == max(t * qs)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked: p = 0, not NaN
         # p = 448 * 2^(t qs - m): P's fixed e4m3 scale folded into the exponent (one multiply less
@@ -195,11 +208,10 @@ def _attention_kernel(
         k_ptrs += BLOCK_N * HEAD_DIM
         v_ptrs += BLOCK_N
         ks_ptrs += BLOCK_N
-        bias_ptrs += BLOCK_N
     vs = tl.load(vs_ptr + bh * HEAD_DIM + offs_d)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a fully masked row: acc = 0, out = 0
     out = acc * vs[None, :] / l_safe[:, None]
-    if INTERPRET_C:
+    if INTERPRET_C and o1_ptr.dtype.element_ty == tl.bfloat16:
         out = round_fp32_to_bf16_grid(out)
     in0 = offs_m < S0
     in1 = (offs_m >= S0) & (offs_m < SQ)
@@ -233,7 +245,8 @@ def _quantize(kind: int, x0, x1, stat, count, bias, b: int, h: int, s0: int, s: 
     else:
         out = torch.empty(b * h, s_pad, d, dtype=torch.int8, device=dev)
         out_arg = out
-        scale = torch.empty(b * h, s_pad, dtype=torch.float32, device=dev)
+        # K: [B*H, 2, S_pad] (scale, offset); Q: [B*H, S_pad]
+        scale = torch.empty((b * h, 2, s_pad) if kind == 1 else (b * h, s_pad), dtype=torch.float32, device=dev)
     _launch_quantize(
         (s_pad // _QUANT_BLOCK, b * h), (),
         (x0, x1, stat, count, bias, out_arg, scale, s0, s, h, s_pad, *_bhsd_strides(x0), *_bhsd_strides(x1)),
@@ -275,16 +288,16 @@ def quantize_segments(q0, q1, k0, k1, v0, v1, bias: torch.Tensor, sm_scale: floa
     return q8, qs, k8, ks, v8t, v_scale
 
 
-def attention_core(q8, qs, k8, ks, v8t, vs, bias: torch.Tensor, o0, o1, sq0: int, sq: int) -> None:
-    """The attention kernel on operands from :func:`quantize_segments`: queries [0, sq0) into
-    ``o0``, [sq0, sq) into ``o1`` ([B, S_i, H, D] views)."""
+def attention_core(q8, qs, k8, ks, v8t, vs, o0, o1, sq0: int, sq: int) -> None:
+    """The attention kernel on operands from :func:`quantize_segments` (the key bias is in K's
+    offsets): queries [0, sq0) into ``o0``, [sq0, sq) into ``o1`` ([B, S_i, H, D] views)."""
     bh, sq_pad, d = q8.shape
     h = o1.shape[2]
     sk_pad = k8.shape[1]
     s_bucket = min(next_power_of_2(sk_pad), 32768)
     _launch_attention(
         lambda meta: (sq_pad // meta["BLOCK_M"], bh), (s_bucket, d),
-        (q8, k8, v8t.view(torch.uint8) if INTERPRET else v8t, qs, ks, vs, bias, o0, o1,
+        (q8, k8, v8t.view(torch.uint8) if INTERPRET else v8t, qs, ks, vs, o0, o1,
          sq0, sq, h, sq_pad, sk_pad, s_bucket, *_bhsd_strides(o0), *_bhsd_strides(o1)),
         HEAD_DIM=d, SOFT_FP8=INTERPRET,
     )
@@ -298,5 +311,5 @@ def attention_8bit(q0, k0, v0, q1, k1, v1, bias: torch.Tensor, sm_scale: float) 
     o1 = torch.empty(q1.shape, dtype=q1.dtype, device=q1.device)
     ops = quantize_segments(q0, q1, k0, k1, v0, v1, bias, sm_scale)
     sq0 = q0.shape[1]
-    attention_core(*ops, bias, o0, o1, sq0, sq0 + q1.shape[1])
+    attention_core(*ops, o0, o1, sq0, sq0 + q1.shape[1])
     return o0, o1

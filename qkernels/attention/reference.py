@@ -11,7 +11,8 @@ SageAttention2's algorithm (Zhang et al., 2024), for one head:
   per-block scale, and a few large Q rows (or K rows) do not coarsen their neighbours' grids. ``sm_scale * log2(e)``
   is folded into Q's scale, so the dequantized score is already in the base-2 domain.
 * ``S = (Q8 K8^T)`` in int32 (exact), dequantized as ``float(S) * k_scale[n] + bias[n]``, then
-  multiplied by ``q_scale[m]``; ``bias`` is 0 for a key that is attended to, -inf for a masked
+  multiplied by ``q_scale[m]``; the kernel converts S to float as the bits of ``S + 0x4B400000``
+  (= 1.5 * 2^23 + S, exact) and folds the 1.5 * 2^23 into the offset ``bias - 1.5 * 2^23 * k_scale``; ``bias`` is 0 for a key that is attended to, -inf for a masked
   (or padding) key.
 * online softmax over key blocks of ``BLOCK_N`` in fp32 with exp2: running max ``m``, running sum
   ``l`` of the unquantized ``p``;
@@ -42,6 +43,7 @@ P_SCALE = 448.0  # e4m3 largest normal: P in [0, 1] -> [0, 448]
 E4M3_MAX = 448.0
 LOG2E = 1.4426950408889634
 LOG2_P_SCALE = math.log2(P_SCALE)
+MAGIC = 12582912.0  # 1.5 * 2^23
 
 
 def _block_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +105,7 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     bias = key_bias(attn_mask, b, sk, q.device)
     q8, qs, k8, ks, v8, vs = quantize_qkv(q, k, v, sm_scale, bias)
     bias = bias.repeat_interleave(h, dim=0)  # [BH, Sk]
+    k_off = bias - MAGIC * ks
     bh = b * h
     m_i = torch.full((bh, sq), float("-inf"), device=q.device)
     l_i = torch.zeros(bh, sq, device=q.device)
@@ -110,8 +113,10 @@ def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     qi = q8.to(torch.int32)
     for n0 in range(0, sk, block_n):
         n1 = min(n0 + block_n, sk)
-        s = torch.bmm(qi.double(), k8[:, n0:n1].to(torch.int32).double().transpose(1, 2)).float()  # exact
-        t = s * ks[:, None, n0:n1] + bias[:, None, n0:n1]
+        s = torch.bmm(qi.double(), k8[:, n0:n1].to(torch.int32).double().transpose(1, 2)).to(torch.int32)  # exact
+        # the kernel's conversion: float(1.5 * 2^23 + s) (exact) * k_scale + (bias - 1.5 * 2^23 * k_scale)
+        sf = (s + 0x4B400000).view(torch.float32)
+        t = sf * ks[:, None, n0:n1] + k_off[:, None, n0:n1]
         tq = t * qs[:, :, None]
         m_new = torch.maximum(m_i, tq.amax(dim=-1))
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)

@@ -17,7 +17,10 @@ Tolerances:
   error of the V-mean part, mean V . sum(dP) / l, averages down over the keys. The int8 Q/K
   (per-token steps of amax / 127) and e4m3 V errors are smaller. Bound: rel. error <=
   MARGIN x E4M3_RMS x rho, rho = ||attn(q, k, V - mean V)|| / ||attn(q, k, v)|| (1 for zero-mean V,
-  0.2-0.4 with the per-channel V offsets DiT activations have). Per-head cosine: >= 0.999 (the
+  0.2-0.4 with the per-channel V offsets DiT activations have), with the output's rounding to
+  bf16 (rms 2^-8 / sqrt(3) of ||o||, ROUNDING_RMS) added in quadrature: it does not shrink with
+  rho (at S = 8,400 rho is small enough that it dominates: measured 3.3e-3 on the H200 against a
+  format-only bound of 2.3e-3, and 4.1e-3 with it). Per-head cosine: >= 0.999 (the
   issue's bar) on inputs with a V offset; on zero-mean random V the format itself gives ~0.9993
   (cos = 1 - err^2 / 2), so there the check is the bound's own, 1 - (MARGIN x E4M3_RMS)^2 / 2.
 """
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 
 from qkernels import InputError, UnsupportedShapeError
 
-from .metrics import E4M3_RMS, MARGIN, rel_error
+from .metrics import E4M3_RMS, MARGIN, ROUNDING_RMS, rel_error
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton attention cannot run")
 from qkernels.attention import joint_attention, sdpa  # noqa: E402
@@ -75,11 +78,16 @@ def matches_reference(o, ref) -> bool:
     return bool((d <= BF16_ULP * ref.abs() + floor).all()) and (d == 0).double().mean().item() >= 0.99
 
 
+def _bound(rho: float, dtype: torch.dtype) -> float:
+    """The format's error scales with rho; the output's own rounding to ``dtype`` does not."""
+    return MARGIN * math.hypot(E4M3_RMS * min(rho, 1.0), ROUNDING_RMS[dtype])
+
+
 def fp64_bound(q, k, v, attn_mask=None) -> tuple[float, float]:
     """(relative-error bound, cosine bound) against float64 attention (module doc)."""
     centered = attention_fp64(q, k, v - v.double().mean(dim=2, keepdim=True), attn_mask)
     rho = (centered.norm() / attention_fp64(q, k, v, attn_mask).norm()).item()
-    bound = FP64_BOUND * min(rho, 1.0)
+    bound = _bound(rho, q.dtype)
     return bound, min(COS_BOUND, 1 - bound**2 / 2)
 
 
@@ -331,7 +339,10 @@ def test_gpu_real_shapes(b, s):
     # fp32 SDPA as the exact result: its error (~1e-6) is far under the bound
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     centered = F.scaled_dot_product_attention(q.float(), k.float(), (v.float() - v.float().mean(2, keepdim=True)))
-    bounds = (FP64_BOUND * min(1.0, (centered.norm() / exact.norm()).item()), COS_BOUND)
+    bounds = (_bound((centered.norm() / exact.norm()).item(), q.dtype), COS_BOUND)
+    bf16 = F.scaled_dot_product_attention(q, k, v)  # for scale: torch's own bf16 attention
+    print(f"rel. error vs fp32: int8-fp8 {rel_error(o, exact):.2e}, bf16 SDPA {rel_error(bf16, exact):.2e}, "
+          f"bound {bounds[0]:.2e}")
     assert matches_fp64(o, exact, bounds), (rel_error(o, exact), head_cosine(o, exact), bounds)
     assert not matches_fp64(sdpa(q, k, v, scale=1.05 / math.sqrt(128)), exact, bounds)
     mask = torch.ones(b, s, dtype=torch.bool, device=DEV)

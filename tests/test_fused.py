@@ -283,6 +283,60 @@ def test_fused_block_equals_unfused(backend, zero_cond_t, mask):
     assert torch.equal(model(**inp)[0], unfused)
 
 
+def _as_diffusers_037(model):
+    """Make the blocks receive the text mask as diffusers <= 0.37 sends it: no
+    encoder_hidden_states_mask, the joint key mask [B, S_txt + S_img] (built once per forward) in
+    joint_attention_kwargs["attention_mask"]. Returns the hook handles."""
+    built = {}
+
+    def hook(block, args, kwargs):
+        mask = kwargs.get("encoder_hidden_states_mask")
+        if mask is None:
+            return None
+        if built.get("src") is not mask:  # one joint tensor for every block, as 0.37 builds it
+            ones = torch.ones(mask.shape[0], kwargs["hidden_states"].shape[1], dtype=torch.bool, device=mask.device)
+            built.update(src=mask, joint=torch.cat([mask.to(torch.bool), ones], dim=1))
+        return args, {**kwargs, "encoder_hidden_states_mask": None,
+                      "joint_attention_kwargs": {"attention_mask": built["joint"]}}
+
+    return [b.register_forward_pre_hook(hook, with_kwargs=True) for b in model.transformer_blocks]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-block", "qkernels-processor"])
+@torch.no_grad()
+def test_the_joint_mask_of_older_diffusers_is_honored(fused):
+    """diffusers 0.37 hands the blocks the joint attention_mask instead of the text mask: the
+    fused block and qkernels' processor take it (the fused path, not the fallback) and give what
+    the text-mask form gives; the mask matters here (without it the output differs)."""
+    from qkernels.attention.diffusers_plugin import set_attention
+    from qpipeline import quantize_model
+    from qpipeline.blocks import fuse_model, qwen_image
+
+    model = _tiny(zero_cond_t=True)
+    inp = _inputs(model, mask=True)
+    quantize_model(model, "int8-torch")
+    if fused:
+        fuse_model(model)
+    else:
+        set_attention(model, "bf16")
+    want = model(**inp)[0]
+    unmasked = model(**{**inp, "encoder_hidden_states_mask": None})[0]
+    assert not torch.allclose(want.float(), unmasked.float(), rtol=1e-2, atol=1e-2)
+    handles = _as_diffusers_037(model)
+    calls = []
+    original = qwen_image._prepare
+    qwen_image._prepare = lambda *a, **k: calls.append(k.get("joint")) or original(*a, **k)
+    try:
+        got = model(**inp)[0]
+    finally:
+        qwen_image._prepare = original
+        for h in handles:
+            h.remove()
+    assert torch.equal(got, want)
+    if fused:
+        assert calls == [True] * len(model.transformer_blocks)  # the fused forward ran in every block
+
+
 @torch.no_grad()
 def test_fused_block_catches_a_broken_modulation_index():
     """Edit-2511's per-token modulation matters: the fused block given the wrong tokens' rows
@@ -298,8 +352,8 @@ def test_fused_block_catches_a_broken_modulation_index():
     good = model(**inp)[0]
     original = qwen_image._prepare
 
-    def broken(batch, l_img, l_txt, modulate_index, rope, mask, device):
-        p = original(batch, l_img, l_txt, None, rope, mask, device)  # index dropped
+    def broken(batch, l_img, l_txt, modulate_index, rope, mask, device, joint=False):
+        p = original(batch, l_img, l_txt, None, rope, mask, device, joint)  # index dropped
         qwen_image._LAST = None
         return p
 

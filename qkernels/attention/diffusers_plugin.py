@@ -58,6 +58,16 @@ def _cp_backward_op(*args, **kwargs):
     raise UnsupportedShapeError("the int8-fp8 attention is inference-only (no backward)")
 
 
+def _joint_mask(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """A joint key mask as [B, S] bool, from [B, S] or [B, 1, 1, S] (True / nonzero: attend)."""
+    if mask.dim() == 4 and mask.shape[1:3] == (1, 1):
+        mask = mask[:, 0, 0]
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, seq):
+        raise InputError(f"attention_mask must be the joint key mask [{batch}, {seq}] (text + image tokens), "
+                         f"got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 class QKernelsQwenAttnProcessor:
     """Drop-in for diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (same projections, norms, RoPE
     and output split), with the joint attention computed by ``qkernels.attention`` in ``mode``."""
@@ -79,8 +89,8 @@ class QKernelsQwenAttnProcessor:
 
         if encoder_hidden_states is None:
             raise InputError("the Qwen-Image double-stream attention needs encoder_hidden_states (text stream)")
-        if attention_mask is not None:
-            raise InputError("pass the text padding mask as encoder_hidden_states_mask, not attention_mask")
+        if attention_mask is not None and encoder_hidden_states_mask is not None:
+            raise InputError("give the text padding mask once: encoder_hidden_states_mask or the joint attention_mask")
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
         img_k = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
@@ -104,7 +114,10 @@ class QKernelsQwenAttnProcessor:
             txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
 
         mask = None
-        if encoder_hidden_states_mask is not None:  # [B, S_txt] -> joint key mask [B, S_txt + S_img]
+        if attention_mask is not None:
+            # diffusers <= 0.37 builds the joint key mask [B, S_txt + S_img] itself and passes it here
+            mask = _joint_mask(attention_mask, txt_q.shape[0], txt_q.shape[1] + hidden_states.shape[1])
+        elif encoder_hidden_states_mask is not None:  # [B, S_txt] -> joint key mask [B, S_txt + S_img]
             txt_mask = encoder_hidden_states_mask.to(torch.bool)
             mask = torch.cat([txt_mask, txt_mask.new_ones(txt_mask.shape[0], hidden_states.shape[1])], dim=1)
 

@@ -59,13 +59,13 @@ def _same(a, b) -> bool:
                                     for x, y in zip(a, b))
 
 
-def _prepare(batch, l_img, l_txt, modulate_index, rope, mask, device) -> _Prepared:
+def _prepare(batch, l_img, l_txt, modulate_index, rope, mask, device, joint: bool = False) -> _Prepared:
     """Gate rows (each token's modulation row), RoPE as [L, D/2, 2] fp32 and the joint mask, for
     this forward's inputs. Every block receives the same tensor objects, so the work is done in
     the first block and found by identity in the 59 others (no host sync, no per-block copies)."""
     global _LAST
     img_freqs, txt_freqs = rope
-    key = (batch, l_img, l_txt, device, modulate_index, img_freqs, txt_freqs, mask)
+    key = (batch, l_img, l_txt, device, modulate_index, img_freqs, txt_freqs, mask, joint)
     if _LAST is not None and _same(_LAST.key, key):
         return _LAST
     p = _Prepared()
@@ -84,9 +84,12 @@ def _prepare(batch, l_img, l_txt, modulate_index, rope, mask, device) -> _Prepar
     # One host sync per forward, not per block; kept as it is while a CUDA graph is captured.
     if mask is None or (not (mask.is_cuda and torch.cuda.is_current_stream_capturing()) and bool(mask.all())):
         p.mask = None
+    elif joint:  # [B, S_txt + S_img], the image part ones by construction (diffusers <= 0.37)
+        p.mask = mask.to(device, torch.bool)[:, None, None, :]
     else:
-        joint = torch.cat([mask.to(device, torch.bool), torch.ones(batch, l_img, dtype=torch.bool, device=device)], 1)
-        p.mask = joint[:, None, None, :]
+        joint_mask = torch.cat([mask.to(device, torch.bool),
+                                torch.ones(batch, l_img, dtype=torch.bool, device=device)], 1)
+        p.mask = joint_mask[:, None, None, :]
     _LAST = p
     return p
 
@@ -142,6 +145,15 @@ class FusedQwenImageTransformerBlock:
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None, temb=None,
                 image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
+        joint_mask = None
+        if (joint_attention_kwargs and set(joint_attention_kwargs) == {"attention_mask"}
+                and encoder_hidden_states_mask is None):
+            # diffusers <= 0.37 passes the text padding mask as the joint key mask it built once
+            joint_mask = joint_attention_kwargs["attention_mask"]
+            joint_attention_kwargs = None
+            if joint_mask is not None and (joint_mask.dim() != 2 or joint_mask.shape[1] != (
+                    hidden_states.shape[1] + encoder_hidden_states.shape[1])):
+                joint_attention_kwargs = {"attention_mask": joint_mask}  # a form we do not know: the block's own path
         if joint_attention_kwargs or image_rotary_emb is None:
             # attention kwargs (e.g. a LoRA scale for PEFT) or no RoPE: the block's own path
             return super().forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
@@ -150,8 +162,9 @@ class FusedQwenImageTransformerBlock:
         dtype = hidden_states.dtype
         batch, l_img, dim = hidden_states.shape
         l_txt = encoder_hidden_states.shape[1]
-        prep = _prepare(batch, l_img, l_txt, modulate_index, image_rotary_emb, encoder_hidden_states_mask,
-                        hidden_states.device)
+        prep = _prepare(batch, l_img, l_txt, modulate_index, image_rotary_emb,
+                        encoder_hidden_states_mask if joint_mask is None else joint_mask, hidden_states.device,
+                        joint=joint_mask is not None)
         img_mod = self.img_mod(temb)  # [B or 2B, 6 * dim]: shift1 | scale1 | gate1 | shift2 | scale2 | gate2
         txt_mod = self.txt_mod(torch.chunk(temb, 2, dim=0)[0] if self.zero_cond_t else temb)
         h = hidden_states.reshape(batch * l_img, dim)

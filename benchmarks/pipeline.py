@@ -60,7 +60,9 @@ COLUMNS = [
     "load_s", "verify", "checkpoint_gb", "build_s", "quantize_s", "note",
 ]
 VARIANTS = ["diffusers-bf16", "engine-bf16", "engine-bf16-batched-cfg", "engine-bf16-cache", "engine-fp8",
-            "engine-fp8-batched-cfg", "engine-fp8-cache", "checkpoint-load", "engine-fp8-24gb"]
+            "engine-fp8-batched-cfg", "engine-fp8-cache", "checkpoint-load", "engine-fp8-24gb",
+            # last: they rewire the shared transformer (fused blocks, then graphs over them)
+            "engine-fp8-fused", "engine-fp8-fused-graphs"]
 PROMPT = "make the sky stormy and add a red umbrella"
 
 # ---------------------------------------------------------------------------------------------
@@ -337,10 +339,16 @@ class Run:
                 engine = None
             else:
                 opts = dict(batched_cfg=variant.endswith("batched-cfg"), embedding_cache=variant.endswith("cache"),
-                            offload=variant.endswith("24gb"))
+                            offload=variant.endswith("24gb"), fuse="fused" in variant,
+                            cuda_graphs=variant.endswith("graphs"))
                 backend = self.args.quant_backend if fp8 else "bf16"
-                engine = Engine(self.pipe, backend=backend, device=self.device,
-                                quantize_text_encoder=self.args.text_encoder_backend if fp8 else False, **opts).load()
+                try:
+                    engine = Engine(self.pipe, backend=backend, device=self.device,
+                                    quantize_text_encoder=self.args.text_encoder_backend if fp8 else False,
+                                    **opts).load()
+                except Exception as exc:  # e.g. CUDA graphs on a CPU: the variant's row says why
+                    self.add(dict(self.common, variant=variant, status=harness.fmt_status(exc)))
+                    continue
                 call = engine.generate
             for n, steps, cfg in self.configs():
                 if variant.endswith("batched-cfg") and cfg <= 1:

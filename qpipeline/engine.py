@@ -32,7 +32,11 @@ default and measured on and off by ``benchmarks.pipeline``:
   unchanged input images is reused (content-hashed, LRU of N entries);
 * ``offload=True``: diffusers' model CPU offload, each component moved onto the device for its
   stage only. With an fp8 transformer and ``quantize_text_encoder=True`` this is the 24 GB mode:
-  ``Engine(dir, backend="fp8-scaled-mm", quantize_text_encoder=True, offload=True)``.
+  ``Engine(dir, backend="fp8-scaled-mm", quantize_text_encoder=True, offload=True)``;
+* ``fuse=True``: the quantized transformer's blocks rewired to the fused kernels
+  (``qpipeline.blocks``; a block that cannot be fused stays as it is, ``engine.fuse_report``);
+* ``cuda_graphs=True`` (CUDA only, not with offload): the block loop replayed from CUDA graphs,
+  one per input shape (``qpipeline.graphs``; the first call of each shape captures it).
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ class Engine:
     def __init__(self, model_dir, backend: str = "auto", quantized=None, lora=None, lora_scale: float = 1.0,
                  device=None, quantize_text_encoder: bool | str = False, *, recipe: str = "qwen-image",
                  dtype: torch.dtype = torch.bfloat16, attention: str | None = None, batched_cfg: bool = False,
-                 embedding_cache: int | bool = 0, offload: bool = False):
+                 embedding_cache: int | bool = 0, offload: bool = False, fuse: bool = False,
+                 cuda_graphs: bool = False):
         self._given = None  # a pipeline object passed instead of a folder
         if hasattr(model_dir, "transformer") and callable(model_dir):
             self._given, self.model_dir = model_dir, None
@@ -103,6 +108,15 @@ class Engine:
         if attention is not None and attention not in attention_modes:
             raise InputError(f"attention must be None or one of {', '.join(attention_modes)}, got {attention!r}")
         self.attention = attention
+        if fuse and backend == "bf16":
+            raise InputError("fuse=True rewires quantized blocks; backend 'bf16' has none")
+        if cuda_graphs and device.type != "cuda":
+            raise BackendUnavailableError(f"cuda_graphs=True needs a CUDA device, the engine runs on {device}")
+        if cuda_graphs and offload:
+            raise InputError("cuda_graphs=True and offload=True do not mix: a captured graph holds the "
+                             "transformer's device memory while offload moves it away")
+        self.fuse, self.cuda_graphs = bool(fuse), bool(cuda_graphs)
+        self.fuse_report = None
         self.backend, self.recipe, self.dtype = backend, recipe, dtype
         self.quantized = Path(quantized) if quantized is not None else None
         self.lora_scale = qlora._finite_scale(lora_scale, "lora_scale")
@@ -176,6 +190,14 @@ class Engine:
               f"(transformer {what}: {t_transformer:.2f} s)", flush=True)
 
     def _finish(self, pipe) -> None:
+        if self.fuse and self.fuse_report is None:  # a loaded checkpoint's report, else fuse here
+            from .blocks import fuse_model
+
+            self.fuse_report = fuse_model(pipe.transformer)
+        if self.cuda_graphs:
+            from .graphs import enable_cuda_graphs
+
+            enable_cuda_graphs(pipe.transformer)
         if self.offload:
             # Moves every component to the CPU; each comes onto the device for its stage only.
             # QuantLinear moves its 8-bit tensors like any buffer and keeps their dtype.
@@ -215,7 +237,9 @@ class Engine:
 
     def _load_transformer(self):
         if self.quantized is not None:
-            model = load_quantized(self.quantized, device=self.device, backend=self.backend)
+            model = load_quantized(self.quantized, device=self.device, backend=self.backend,
+                                   fuse=False if self.lora is not None else (True if self.fuse else None))
+            self.fuse_report = getattr(model, "fuse_report", None)
             if self.lora is not None:
                 self.lora_layers = qlora.apply_runtime(model, self.lora, self.lora_scale, name=LORA_NAME)
             return model
@@ -233,6 +257,7 @@ class Engine:
         """Drop the pipeline and free its device memory. A later ``generate`` loads again."""
         with self._lock:
             self.pipeline = self._given = None
+            self.fuse_report = None
             if self.embedding_cache is not None:
                 self.embedding_cache.clear()
             gc.collect()

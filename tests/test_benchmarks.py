@@ -143,6 +143,26 @@ def test_e2e_quick_one_block(tmp_path):
     assert float(bf["ms_60_blocks_extrapolated"]) == pytest.approx(float(bf["median_ms"]) * 60)
 
 
+@pytest.mark.slow
+def test_pipeline_quick(tmp_path):
+    """benchmarks.pipeline on the tiny pipeline: each variant a row with its own stage times, or
+    the reason it cannot run here (CUDA graphs on a CPU), never a missing row."""
+    from benchmarks import pipeline
+
+    assert pipeline.main(["--quick", "--variants", "engine-bf16,engine-fp8-fused,engine-fp8-fused-graphs",
+                          "--out", str(tmp_path)]) == 0
+    rows = _check_files(tmp_path, "pipeline", pipeline.COLUMNS)
+    by = {r["variant"]: r for r in rows}
+    assert by.keys() == {"engine-bf16", "engine-fp8-fused", "engine-fp8-fused-graphs"}
+    for v in ("engine-bf16", "engine-fp8-fused"):
+        r = by[v]
+        assert r["status"] == "ok" and float(r["s_per_image"]) > 0, r
+        stages = sum(float(r[k]) for k in ("encode_ms", "vae_encode_ms", "denoise_ms", "decode_ms", "other_ms"))
+        assert stages == pytest.approx(float(r["total_ms"]), rel=1e-3)
+    assert 20 < float(by["engine-fp8-fused"]["psnr_vs_bf16"]) < float("inf")  # quantized: close, not equal
+    assert "CUDA" in by["engine-fp8-fused-graphs"]["status"]
+
+
 # --------------------------------------------------------------------------------------------
 # harness
 

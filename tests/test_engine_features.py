@@ -242,3 +242,43 @@ def test_engine_from_a_pipeline_object(images):
         Engine(pipe, backend="bf16", device="cpu").load()
     with pytest.raises(InputError, match="pipeline folder"):
         Engine(build_pipeline(), quantized="q/")
+
+
+# --------------------------------------------------------------------------------------------
+# the fused block path and CUDA graphs through the engine
+
+
+def test_engine_fuse_gives_the_unfused_image(pipe_dir, images):
+    """fuse=True rewires every block of the quantized transformer; on the CPU the fused block's
+    arithmetic is the unfused one's (tests/test_fused.py), so the image is the same, bit for bit."""
+    want = Engine(pipe_dir, backend="int8-torch", device="cpu").generate(images, true_cfg_scale=4.0, **GEN)
+    engine = Engine(pipe_dir, backend="int8-torch", device="cpu", fuse=True)
+    got = engine.generate(images, true_cfg_scale=4.0, **GEN)
+    blocks = engine.transformer.transformer_blocks
+    assert engine.fuse_report is not None and len(engine.fuse_report.fused) == len(blocks) > 0
+    assert not engine.fuse_report.kept
+    assert all(type(b).__name__.startswith("Fused") for b in blocks)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_engine_fuse_and_graphs_refuse_what_they_cannot_do(pipe_dir):
+    from qkernels import BackendUnavailableError
+
+    with pytest.raises(InputError, match="bf16"):
+        Engine(pipe_dir, backend="bf16", device="cpu", fuse=True)
+    with pytest.raises(BackendUnavailableError, match="CUDA"):
+        Engine(pipe_dir, backend="int8-torch", device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.gpu
+def test_engine_fused_graphs_on_cuda(pipe_dir, images):
+    """On the GPU: fused + CUDA graphs gives the unfused fp8 engine's image (reductions in another
+    order: PSNR, not bit equality), twice in a row (the second call replays the captured graphs)."""
+    ref = Engine(pipe_dir, backend="fp8-triton", device="cuda")
+    want = ref.generate(images, true_cfg_scale=4.0, **GEN)
+    ref.unload()
+    engine = Engine(pipe_dir, backend="fp8-triton", device="cuda", fuse=True, cuda_graphs=True)
+    for _ in range(2):
+        got = engine.generate(images, true_cfg_scale=4.0, **GEN)
+        assert psnr(got, want) > 40, psnr(got, want)
+    assert len(engine.fuse_report.fused) == len(engine.transformer.transformer_blocks)

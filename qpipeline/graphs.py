@@ -106,6 +106,23 @@ def _run(blocks, args: dict):
     return kw["encoder_hidden_states"], kw["hidden_states"]
 
 
+def _all_true(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and bool(mask.all())
+
+
+def _without_all_ones_masks(kwargs: dict) -> dict:
+    """A text mask that masks nothing, dropped before the graph is keyed and captured: eager
+    attention drops it too (one host check per forward, qpipeline.blocks.qwen_image._prepare),
+    and a capture cannot make that check, so it would record the masked attention kernels and
+    replay numbers eager never computes. A real padding mask stays (and keys its own graph)."""
+    if _all_true(kwargs.get("encoder_hidden_states_mask")):
+        kwargs = {**kwargs, "encoder_hidden_states_mask": None}
+    jk = kwargs.get("joint_attention_kwargs")
+    if isinstance(jk, dict) and _all_true(jk.get("attention_mask")):  # diffusers <= 0.37's joint mask
+        kwargs = {**kwargs, "joint_attention_kwargs": {k: v for k, v in jk.items() if k != "attention_mask"} or None}
+    return kwargs
+
+
 class _Runner:
     """What the model's ``for block in self.transformer_blocks`` sees: one callable for all."""
 
@@ -136,6 +153,7 @@ class GraphedBlockList(nn.ModuleList):
         return t is not None and t.is_cuda
 
     def run(self, kwargs: dict):
+        kwargs = _without_all_ones_masks(kwargs)
         key = _signature(kwargs)
         g = self._graphs.get(key)
         if g is None:

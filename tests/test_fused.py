@@ -460,13 +460,29 @@ def test_cuda_graph_replay_equals_eager():
     model = build_demo_transformer("small", num_layers=2, zero_cond_t=True, device="cuda")
     quantize_model(model, "fp8-triton", fuse=True)
     cases = [demo_inputs(model, image_hw=hw, reference_hw=hw, text_tokens=20, seed=s)
-             for hw, s in (((8, 8), 0), ((8, 8), 1), ((12, 8), 2))]
+             for hw, s in (((8, 8), 0), ((8, 8), 1), ((12, 8), 2), ((8, 8), 3))]
+    cases[-1]["encoder_hidden_states_mask"][0, 15:] = 0  # real padding: a graph of its own, masked
     eager = [model(**inp)[0].clone() for inp in cases]
     enable_cuda_graphs(model)
     assert isinstance(model.transformer_blocks, GraphedBlockList)
     for _ in range(2):
         for inp, want in zip(cases, eager):
             assert torch.equal(model(**inp)[0], want)
-    assert len(model.transformer_blocks._graphs) == 2  # two shapes
+    assert len(model.transformer_blocks._graphs) == 3  # two shapes unmasked (all-ones masks dropped), one masked
     disable_cuda_graphs(model)
     assert torch.equal(model(**cases[0])[0], eager[0])
+
+
+def test_graph_keys_drop_masks_that_mask_nothing():
+    """What eager attention drops (an all-ones text mask) is dropped before a CUDA graph is keyed
+    and captured; a real padding mask is kept; diffusers 0.37's joint mask likewise."""
+    from qpipeline.graphs import _without_all_ones_masks
+
+    ones, pad = torch.ones(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)
+    pad[0, 4:] = 0
+    assert _without_all_ones_masks({"encoder_hidden_states_mask": ones})["encoder_hidden_states_mask"] is None
+    assert _without_all_ones_masks({"encoder_hidden_states_mask": pad})["encoder_hidden_states_mask"] is pad
+    joint = {"attention_mask": torch.ones(1, 10, dtype=torch.bool)}
+    assert _without_all_ones_masks({"joint_attention_kwargs": joint})["joint_attention_kwargs"] is None
+    joint_pad = {"attention_mask": torch.cat([pad.bool(), torch.ones(1, 4, dtype=torch.bool)], 1)}
+    assert _without_all_ones_masks({"joint_attention_kwargs": joint_pad})["joint_attention_kwargs"] is joint_pad

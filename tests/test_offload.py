@@ -18,14 +18,18 @@ pytest.importorskip("accelerate")
 
 
 class Stack(nn.Module):
+    """Linears and a norm: a quantized model keeps some parameters (every diffusers transformer
+    does), and accelerate's model offload finds the execution device from the first one."""
+
     def __init__(self, width=64, depth=4):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
 
     def forward(self, x):
         for layer in self.layers:
             x = torch.nn.functional.gelu(layer(x))
-        return x
+        return self.norm(x)
 
 
 def quantized(fmt="w8a8-int8"):

@@ -99,6 +99,7 @@ class StreamResult:
     source_seq: int = -1
     similarity: float | None = None
     encoded: bool = False  # the VLM embedding was computed for this frame
+    tag: object = None  # what submit() was given with the frame
     latent: torch.Tensor | None = field(default=None, repr=False)  # packed output latent
 
     @property
@@ -121,6 +122,7 @@ class _Row:
     sigmas: torch.Tensor  # [n + 1]
     similarity: float | None
     encoded: bool
+    tag: object = None
     step: int = 0
 
 
@@ -191,6 +193,7 @@ class StreamEditor:
         self._out: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._abort = False
         self.error: BaseException | None = None
 
     # --- setup ---------------------------------------------------------------------------------
@@ -357,7 +360,7 @@ class StreamEditor:
     def _finish(self, row: _Row) -> StreamResult:
         image = self._decode(row.latents)
         res = StreamResult(seq=row.seq, image=image, t_in=row.t_in, t_start=row.t_start, t_out=time.monotonic(),
-                           source_seq=row.seq, similarity=row.similarity, encoded=row.encoded,
+                           source_seq=row.seq, similarity=row.similarity, encoded=row.encoded, tag=row.tag,
                            latent=row.latents if (self.blend or self.keep_latents) else None)
         self._last = res
         self.stats["results"] += 1
@@ -385,7 +388,7 @@ class StreamEditor:
             results = []
             row = None
             if item is not None:
-                seq, frame, t_in = item
+                seq, frame, t_in, tag = item
                 t_start = time.monotonic()
                 cond, vae_in = self._frame_images(frame)
                 small = self._small(vae_in)
@@ -393,9 +396,10 @@ class StreamEditor:
                                                                                           self._last_frame_small)
                 if self._skip(similarity):
                     self.stats["skipped"] += 1
-                    self._ghosts.append((seq, t_in, t_start, similarity))
+                    self._ghosts.append((seq, t_in, t_start, similarity, tag))
                 else:
                     row = self._admit(seq, frame, t_in, t_start, cond, vae_in, small, similarity)
+                    row.tag = tag
             if row is not None:
                 self._rows.append(row)
             if self._rows:
@@ -411,11 +415,11 @@ class StreamEditor:
             # so results never come out of sequence order.
             oldest = min((r.seq for r in self._rows), default=math.inf)
             while self._ghosts and self._ghosts[0][0] < oldest:
-                seq, t_in, t_start, similarity = self._ghosts.pop(0)
+                seq, t_in, t_start, similarity, tag = self._ghosts.pop(0)
                 last = self._last
                 results.append(StreamResult(seq=seq, image=last.image, t_in=t_in, t_start=t_start,
                                             t_out=time.monotonic(), skipped=True, source_seq=last.source_seq,
-                                            similarity=similarity))
+                                            similarity=similarity, tag=tag))
             results.sort(key=lambda r: r.seq)
             return results
 
@@ -426,13 +430,13 @@ class StreamEditor:
         self.stats["submitted"] += 1
         return seq, (time.monotonic() if t_in is None else t_in)
 
-    def process(self, frame) -> list[StreamResult]:
+    def process(self, frame, tag=None) -> list[StreamResult]:
         """Run ``frame`` now (no thread): the results ready after it (plain loop: this frame's;
         stream batch: the frame ``steps - 1`` earlier, or none while the pipeline fills)."""
         if self._thread is not None:
             raise InputError("this stream runs its worker thread; use submit()")
         seq, t_in = self._next_seq()
-        return self._step((seq, frame, t_in))
+        return self._step((seq, frame, t_in, tag))
 
     def flush(self) -> list[StreamResult]:
         """Advance the frames still in flight until all are out (stream batch; the plain loop has none)."""
@@ -462,9 +466,9 @@ class StreamEditor:
     def __exit__(self, *exc):
         self.close()
 
-    def submit(self, frame) -> int:
+    def submit(self, frame, tag=None) -> int:
         """Queue ``frame`` (a PIL image) for the worker; its sequence number. Never blocks: a frame
-        still waiting is replaced (dropped) by this one."""
+        still waiting is replaced (dropped) by this one. ``tag`` comes back on its result."""
         from PIL import Image
 
         if not isinstance(frame, Image.Image):
@@ -476,12 +480,12 @@ class StreamEditor:
             seq, t_in = self._next_seq()
             if self._waiting is not None:
                 self.stats["dropped"] += 1
-            self._waiting = (seq, frame, t_in)
+            self._waiting = (seq, frame, t_in, tag)
             self._cond.notify()
         return seq
 
-    async def asubmit(self, frame) -> int:
-        return self.submit(frame)  # never blocks
+    async def asubmit(self, frame, tag=None) -> int:
+        return self.submit(frame, tag)  # never blocks
 
     def results(self, timeout: float | None = None):
         """Results as they come, until the stream is closed and drained (or ``timeout`` s pass
@@ -511,10 +515,14 @@ class StreamEditor:
                 return
             yield item
 
-    def close(self, timeout: float | None = 30) -> None:
-        """Stop taking frames; the worker finishes the frames in flight, then ``results()`` ends."""
+    def close(self, timeout: float | None = 30, drain: bool = True) -> None:
+        """Stop taking frames; the worker finishes the frames in flight (``drain=False``: drops them
+        and a frame still waiting after its current forward), then ``results()`` ends."""
         with self._cond:
             self._closed = True
+            if not drain:
+                self._abort = True
+                self._waiting = None
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -532,7 +540,7 @@ class StreamEditor:
         try:
             while True:
                 item = self._take()
-                if item is None and not self._rows:
+                if self._abort or (item is None and not self._rows and not self._ghosts):
                     return  # closed and drained
                 for r in self._step(item):
                     self._out.put(r)

@@ -804,38 +804,38 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
         streams["active"] += 1
         streams["started"] += 1
         try:
-            await _serve_stream(ws)
+            outcome = await _serve_stream(ws)
         finally:
             streams["active"] -= 1
+        if outcome is not None:  # after the slot is free: a client that reconnects at once gets it
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await ws.close(outcome[0], _close_reason(outcome[1]))
 
     async def _serve_stream(ws):
+        """Runs one stream; (close code, reason) to close with, or None when the client left."""
         from .stream import StreamEditor
-
-        async def close(code, message):
-            with contextlib.suppress(Exception):
-                await ws.close(code, _close_reason(message))
 
         try:
             first = await asyncio.wait_for(ws.receive(), config.stream_control_timeout_s)
         except asyncio.TimeoutError:
-            return await close(1008, f"no control message within {config.stream_control_timeout_s:g} s")
+            return (1008, f"no control message within {config.stream_control_timeout_s:g} s")
         if first["type"] == "websocket.disconnect":
             return
         if first.get("text") is None:
-            return await close(1003, 'the first message must be JSON text: {"prompt", "steps", "size", "threshold"}')
+            return (1003, 'the first message must be JSON text: {"prompt", "steps", "size", "threshold"}')
         try:
             payload = json.loads(first["text"])
             kwargs, fmt = parse_stream_control(payload, config)
         except ValueError as e:
-            return await close(1003, f"the control message is not valid JSON: {e}")
+            return (1003, f"the control message is not valid JSON: {e}")
         except RequestError as e:
-            return await close(1008, e.message)
+            return (1008, e.message)
         if getattr(engine, "pipeline", None) is None and not hasattr(engine, "load"):
-            return await close(1011, "this server's engine cannot stream")
+            return (1011, "this server's engine cannot stream")
         try:
             editor = await run_in_threadpool(lambda: StreamEditor(engine, **kwargs))
         except QKernelsError as e:
-            return await close(1008, str(e))
+            return (1008, str(e))
         encode = encode_png if fmt == "png" else encode_jpeg
         mime = "image/png" if fmt == "png" else "image/jpeg"
         await ws.send_text(json.dumps(dict(type="ready", steps=kwargs["steps"], size=kwargs["size"],
@@ -865,7 +865,7 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
                 if write_task in done:
                     recv.cancel()
                     exc = write_task.exception()
-                    return await close(1011, f"the stream failed: {type(exc).__name__}: {exc}" if exc
+                    return (1011, f"the stream failed: {type(exc).__name__}: {exc}" if exc
                                        else "the stream ended")
                 msg = recv.result()
                 if msg["type"] == "websocket.disconnect":
@@ -876,16 +876,16 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
                     try:
                         obj = json.loads(text)
                     except ValueError:
-                        return await close(1003, 'a text message must be JSON: {"image": "<base64>"}')
+                        return (1003, 'a text message must be JSON: {"image": "<base64>"}')
                     if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                         if isinstance(obj, dict) and "prompt" in obj:
-                            return await close(1008, "one stream per connection: reconnect to change the prompt")
-                        return await close(1003, 'a text message must be JSON: {"image": "<base64>"}')
+                            return (1008, "one stream per connection: reconnect to change the prompt")
+                        return (1003, 'a text message must be JSON: {"image": "<base64>"}')
                     data = obj["image"]
                 try:
                     image = await run_in_threadpool(decode_image, data, "frame", config)
                 except RequestError as e:
-                    return await close(1009 if e.status == 413 else 1003, e.message)
+                    return (1009 if e.status == 413 else 1003, e.message)
                 editor.submit(image, tag=is_json)
         finally:
             write_task.cancel()

@@ -80,7 +80,7 @@ def test_plain_loop_equals_engine_generate_bit_for_bit(engine):
 
 
 def test_stream_batch_gives_the_plain_loop_images(engine):
-    frames = [pattern(2 * t) for t in range(4)]
+    frames = [pattern(2 * t) for t in range(3)]
     plain = run_inline(editor(engine, steps=3, batch=False), frames)
     ed = editor(engine, steps=3, batch=True)
     batched = []
@@ -90,18 +90,16 @@ def test_stream_batch_gives_the_plain_loop_images(engine):
         assert [r.seq for r in out] == ([] if i < 2 else [i - 2])
         batched += out
     rep = ed.report()
-    assert rep["forwards"] == 4 and rep["rows"] == 1 + 2 + 3 + 3  # rows per forward: 1, 2, 3, 3
-    batched += ed.flush()  # two more forwards of 2 and 1 rows
-    assert ed.report()["forwards"] == 6
-    assert [r.seq for r in batched] == [r.seq for r in plain] == [0, 1, 2, 3]
+    assert rep["forwards"] == 3 and rep["rows"] == 1 + 2 + 3  # the third forward: 3 frames at 3 steps
+    batched += ed.flush()  # two more forwards, of 2 rows and 1
+    assert ed.report()["forwards"] == 5 and ed.report()["rows"] == 6 + 2 + 1
+    assert [r.seq for r in batched] == [r.seq for r in plain] == [0, 1, 2]
     for b, p in zip(batched, plain):
         assert np.abs(b.image - p.image).max() <= ATOL
-    # the tolerance can fail: another seed (another noise) or a frame one step off in its schedule
+    # the tolerance can fail: another seed (another noise) moves pixels by far more
     other = run_inline(editor(engine, steps=3, batch=False, seed=4), frames[:1])[0]
     assert np.abs(other.image - plain[0].image).max() > 1000 * ATOL
-    two = run_inline(editor(engine, steps=2, batch=False), frames[:1])[0]
-    assert np.abs(two.image - plain[0].image).max() > 1000 * ATOL
-    assert rep["encodes"] == 4  # vlm_every=1: each row carried its own frame's embedding
+    assert rep["encodes"] == 3  # vlm_every=1: each row carried its own frame's embedding
     assert ed.in_flight == 0
 
 
@@ -155,16 +153,16 @@ def test_skip_is_probabilistic_between_threshold_and_one(engine):
 
 
 def test_vlm_embedding_reuse_and_still_scene_coherence(engine):
-    frames = [pattern(0.25 * t) for t in range(7)]  # a slow motion: similar frames
-    ed = editor(engine, batch=False, vlm_every=3, vlm_threshold=0.5)
+    frames = [pattern(0.25 * t) for t in range(5)]  # a slow motion: similar frames
+    ed = editor(engine, batch=False, vlm_every=2, vlm_threshold=0.5)
     out = run_inline(ed, frames)
-    assert [r.encoded for r in out] == [True, False, False, True, False, False, True]
+    assert [r.encoded for r in out] == [True, False, True, False, True]
     # a frame unlike the one encoded refreshes at once
     ed2 = editor(engine, batch=False, vlm_every=None, vlm_threshold=0.95)
     enc = [r.encoded for r in run_inline(ed2, [pattern(0), pattern(0), pattern(0, seed=9)])]
     assert enc == [True, False, True]
     # still camera, skip off: consecutive outputs the same (< 1e-3 mean abs; here exactly)
-    still = run_inline(editor(engine, batch=True, vlm_every=1), [pattern(0)] * 3)
+    still = run_inline(editor(engine, batch=True, vlm_every=1), [pattern(0)] * 2)
     for a, b in zip(still, still[1:]):
         assert np.abs(a.image - b.image).mean() < 1e-3
     # blend: the frame starts from the previous output's latent mixed with its own
@@ -248,7 +246,10 @@ async def _closed(ws):
 
 def test_websocket_round_trip_over_loopback(engine):
     frames = [pattern(0), pattern(5), pattern(9)]
-    expected = run_inline(StreamEditor(engine, PROMPT, steps=2, size=SIZE, seed=3, threshold=None), frames)
+    # the client waits for each answer before it sends the next frame, so each frame runs alone
+    # (a forward of one row) on the server; the same here: bit-equal PNGs
+    inline = StreamEditor(engine, PROMPT, steps=2, size=SIZE, seed=3, threshold=None)
+    expected = [r for f in frames for r in inline.process(f) + inline.flush()]
 
     async def client(url):
         async with websockets.connect(url) as ws:
@@ -340,7 +341,7 @@ def test_bad_clients_get_a_close_code_and_the_server_keeps_serving(engine):
     assert codes["bad-control"][0] == 1008 and "steps must be in" in codes["bad-control"][1]
     assert codes["binary-control"][0] == 1003 and "first message" in codes["binary-control"][1]
     assert codes["third"][0] == 1008 and "too many streams" in codes["third"][1]
-    assert meta["seq"] == 3 and not meta["skipped"]  # good's 4th frame (seq 0 was never sent)
+    assert meta["seq"] == 2 and not meta["skipped"]  # good's third frame: it was served throughout
 
 
 def test_the_page_streams_the_webcam_in_headless_chromium(engine, tmp_path):

@@ -202,9 +202,9 @@ class StreamEditor:
         if self._ready:
             return
         engine = self.engine
-        if not engine.loaded:
-            engine.load()
         pipe = engine.pipeline
+        if pipe is None:
+            raise InputError("the engine was unloaded while its stream ran")
         self.pipe, self.device = pipe, torch.device(engine.device)
         tr = pipe.transformer
         if tr.config.guidance_embeds:
@@ -382,6 +382,8 @@ class StreamEditor:
     def _step(self, item) -> list[StreamResult]:
         """One tick: take ``item`` ((seq, frame, t_in) or None), run what it needs; the results
         that are ready, in sequence order."""
+        if not self._ready and not self.engine.loaded:
+            self.engine.load()  # takes the engine's lock itself: before the tick takes it
         lock = getattr(self.engine, "_lock", None)
         with lock if lock is not None else contextlib.nullcontext(), torch.inference_mode():
             self._setup()

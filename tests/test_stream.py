@@ -79,6 +79,13 @@ def test_plain_loop_equals_engine_generate_bit_for_bit(engine):
     assert got[0].image.shape == (SIZE, SIZE, 3) and np.array_equal(got[0].image, ref)
 
 
+def test_an_unloaded_engine_loads_at_the_first_frame(engine, tmp_path):
+    fresh = demo_engine(tmp_path / "pipe", backend="bf16", device="cpu")  # same seed: same weights
+    assert not fresh.loaded
+    got = editor(fresh, batch=False).process(pattern(3))[0].image
+    assert fresh.loaded and np.array_equal(got, editor(engine, batch=False).process(pattern(3))[0].image)
+
+
 def test_stream_batch_gives_the_plain_loop_images(engine):
     frames = [pattern(2 * t) for t in range(3)]
     plain = run_inline(editor(engine, steps=3, batch=False), frames)

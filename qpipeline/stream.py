@@ -46,8 +46,11 @@ Reuse and skipping (each an option):
   ``x_ref`` is the mean of the last result's latent and the new frame's latent: a small motion
   gives a small change. The first frame (no result yet) runs the full schedule. With stream batch,
   the "last result" is the newest finished one, ``steps - 1`` frames older than in the plain loop.
-* on CUDA, the VAE encode and decode run on a second CUDA stream ordered by events, so a decode
-  overlaps the next forward; on the CPU the same code runs in order.
+* on CUDA, a frame's upload, similarity, VLM and VAE encode run on a second CUDA stream while the
+  previous forward is still on the GPU, and a finished frame's VAE decode is queued there too and
+  read back after the next forward is queued (so it overlaps that forward; when nothing is in
+  flight it is read at once). Streams are ordered with ``wait_stream`` and ``record_stream``.
+  On the CPU the same code runs in order. (Not yet run on a GPU.)
 
 Every tick holds the engine's lock, so a stream and the server's HTTP edits interleave per
 forward on one engine. Nothing here is CUDA-graph or compile specific: a transformer prepared by
@@ -179,6 +182,7 @@ class StreamEditor:
         self._ready = False
         self._rows: list[_Row] = []
         self._ghosts: list[tuple] = []  # skipped frames waiting for the frames before them
+        self._pending: list[tuple] = []  # (row, decoded tensor) whose image is read next tick (CUDA)
         self._last: StreamResult | None = None  # newest result computed (not skipped)
         self._last_frame_small = None  # downscaled copy of the last processed frame
         self._embed_small = None  # ... of the frame the embedding was computed from
@@ -284,31 +288,30 @@ class StreamEditor:
         return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
 
     def _encode_reference(self, vae_in):
-        """Reference latents [1, L_ref, C] (the VAE's argmax, as the pipeline), on the side stream."""
-        if self._side is not None:
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with self._side_stream():
-            lat = self.pipe._encode_vae_image(vae_in, generator=None)
-            r = self.ref_side
-            packed = self.pipe._pack_latents(lat, 1, self.channels, r, r)
-        if self._side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
-            packed.record_stream(torch.cuda.current_stream(self.device))
-        return packed
+        """Reference latents [1, L_ref, C] (the VAE's argmax, as the pipeline); runs on the stream
+        current at the call (the side stream, in ``_step``)."""
+        lat = self.pipe._encode_vae_image(vae_in, generator=None)
+        r = self.ref_side
+        return self.pipe._pack_latents(lat, 1, self.channels, r, r)
 
-    def _decode(self, latents):
+    def _decode_launch(self, latents):
+        """Queue the VAE decode of finished latents on the side stream (after the forward that
+        made them); the decoded [1, 3, H, W] tensor, still on the device."""
         pipe = self.pipe
         if self._side is not None:
             self._side.wait_stream(torch.cuda.current_stream(self.device))
+            latents.record_stream(self._side)
         with self._side_stream():
             lat = pipe._unpack_latents(latents, self.size, self.size, self.vsf).to(pipe.vae.dtype)
             z = pipe.vae.config.z_dim
             mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(lat.device, lat.dtype)
             std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(lat.device, lat.dtype)
             lat = lat / std + mean
-            image = pipe.vae.decode(lat, return_dict=False)[0][:, :, 0]
-            out = pipe.image_processor.postprocess(image, output_type=self.output)  # .cpu() syncs the side stream
-        return out[0]
+            return pipe.vae.decode(lat, return_dict=False)[0][:, :, 0]
+
+    def _decode_finish(self, image):
+        with self._side_stream():  # its .cpu() waits for the side stream only
+            return self.pipe.image_processor.postprocess(image, output_type=self.output)[0]
 
     def _admit(self, seq, frame, t_in, t_start, cond, vae_in, small, similarity) -> _Row:
         """A processed frame's row at step 0: embedding (reused or refreshed), reference latents,
@@ -357,8 +360,8 @@ class StreamEditor:
         self.stats["forwards"] += 1
         self.stats["rows"] += len(rows)
 
-    def _finish(self, row: _Row) -> StreamResult:
-        image = self._decode(row.latents)
+    def _finish(self, row: _Row, decoded) -> StreamResult:
+        image = self._decode_finish(decoded)
         res = StreamResult(seq=row.seq, image=image, t_in=row.t_in, t_start=row.t_start, t_out=time.monotonic(),
                            source_seq=row.seq, similarity=row.similarity, encoded=row.encoded, tag=row.tag,
                            latent=row.latents if (self.blend or self.keep_latents) else None)
@@ -389,19 +392,30 @@ class StreamEditor:
             self._setup()
             results = []
             row = None
+            main = torch.cuda.current_stream(self.device) if self._side is not None else None
             if item is not None:
                 seq, frame, t_in, tag = item
                 t_start = time.monotonic()
-                cond, vae_in = self._frame_images(frame)
-                small = self._small(vae_in)
-                similarity = None if self._last_frame_small is None else self._similarity(small,
-                                                                                          self._last_frame_small)
-                if self._skip(similarity):
-                    self.stats["skipped"] += 1
-                    self._ghosts.append((seq, t_in, t_start, similarity, tag))
-                else:
-                    row = self._admit(seq, frame, t_in, t_start, cond, vae_in, small, similarity)
-                    row.tag = tag
+                if main is not None and self.blend:
+                    self._side.wait_stream(main)  # x_ref reads the last result's latent
+                # On CUDA the frame's upload, similarity (its one host sync), VLM and VAE encode run
+                # on the side stream, overlapping the previous forward still on the GPU.
+                with self._side_stream():
+                    cond, vae_in = self._frame_images(frame)
+                    small = self._small(vae_in)
+                    similarity = None if self._last_frame_small is None else self._similarity(
+                        small, self._last_frame_small)
+                    if self._skip(similarity):
+                        self.stats["skipped"] += 1
+                        self._ghosts.append((seq, t_in, t_start, similarity, tag))
+                    else:
+                        row = self._admit(seq, frame, t_in, t_start, cond, vae_in, small, similarity)
+                        row.tag = tag
+                if main is not None and row is not None:
+                    main.wait_stream(self._side)
+                    for t in (row.latents, row.image_latents, row.embeds, row.mask):
+                        if t is not None:
+                            t.record_stream(main)
             if row is not None:
                 self._rows.append(row)
             if self._rows:
@@ -410,12 +424,18 @@ class StreamEditor:
                 else:
                     while self._rows[0].step < self.steps:
                         self._forward(self._rows)
-                done = [r for r in self._rows if r.step == self.steps]
-                self._rows = [r for r in self._rows if r.step < self.steps]
-                results += [self._finish(r) for r in done]
+            # the decodes queued last tick finish while this tick's forward runs
+            results += [self._finish(r, d) for r, d in self._pending]
+            self._pending = []
+            done = [r for r in self._rows if r.step == self.steps]
+            self._rows = [r for r in self._rows if r.step < self.steps]
+            self._pending = [(r, self._decode_launch(r.latents)) for r in done]
+            if main is None or not self._rows:  # nothing to overlap with: finish now
+                results += [self._finish(r, d) for r, d in self._pending]
+                self._pending = []
             # A skipped frame answers with the newest result once every frame before it is out,
             # so results never come out of sequence order.
-            oldest = min((r.seq for r in self._rows), default=math.inf)
+            oldest = min([r.seq for r in self._rows] + [r.seq for r, _ in self._pending], default=math.inf)
             while self._ghosts and self._ghosts[0][0] < oldest:
                 seq, t_in, t_start, similarity, tag = self._ghosts.pop(0)
                 last = self._last
@@ -443,7 +463,7 @@ class StreamEditor:
     def flush(self) -> list[StreamResult]:
         """Advance the frames still in flight until all are out (stream batch; the plain loop has none)."""
         out = []
-        while self._rows or self._ghosts:
+        while self._rows or self._ghosts or self._pending:
             out += self._step(None)
         return out
 
@@ -533,7 +553,7 @@ class StreamEditor:
 
     def _take(self):
         with self._cond:
-            while self._waiting is None and not self._closed and not self._rows:
+            while self._waiting is None and not self._closed and not self._rows and not self._pending:
                 self._cond.wait()
             item, self._waiting = self._waiting, None
             return item
@@ -542,7 +562,7 @@ class StreamEditor:
         try:
             while True:
                 item = self._take()
-                if self._abort or (item is None and not self._rows and not self._ghosts):
+                if self._abort or (item is None and not self._rows and not self._ghosts and not self._pending):
                     return  # closed and drained
                 for r in self._step(item):
                     self._out.put(r)

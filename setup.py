@@ -45,11 +45,14 @@ setup(
         # the Qwen-Image-Edit engine: transformers' Qwen2-VL processor imports torchvision
         "engine": [*_DIFFUSERS, _torchvision_for_installed_torch()],
         "peers": ["torchao", "bitsandbytes"],
-        # python -m qpipeline.serve; python-multipart: the endpoints' file uploads
-        "server": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", *_DIFFUSERS],
-        # httpx: the server tests' client; selenium: the page's test (drives Debian's chromium-driver)
+        # python -m qpipeline.serve; python-multipart: the endpoints' file uploads; websockets:
+        # uvicorn's implementation of WS /stream
+        "server": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "websockets>=12", *_DIFFUSERS],
+        # httpx: the server tests' client; websockets: the stream tests' client (and the server's);
+        # selenium: the page's test (drives Debian's chromium-driver)
         "dev": ["pytest", "triton>=3.0", *_DIFFUSERS, "matplotlib",
-                "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx", "selenium>=4.10"],
+                "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "websockets>=12", "httpx",
+                "selenium>=4.10"],
     },
     package_data={"qpipeline": ["static/*.html"]},
     entry_points={"console_scripts": ["qkernels-quantize=qpipeline.quantize:main",

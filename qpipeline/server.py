@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import io
 import json
 import math
@@ -39,7 +40,7 @@ from importlib import resources
 from qkernels.errors import QKernelsError
 
 __all__ = ["ServerConfig", "RequestError", "QueueFull", "QueueClosed", "Job", "JobQueue", "EditService", "create_app",
-           "parse_edit", "parse_generate", "decode_image"]
+           "parse_edit", "parse_generate", "parse_stream_control", "decode_image"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,20 @@ class ServerConfig:
     size_multiple: int = 16  # VAE scale 8 x 2x2 latent packing: the pipeline floors other sizes
     cors_origins: tuple[str, ...] = ()
     disconnect_poll_s: float = 0.1
+    # WS /stream: concurrent streams (each holds the engine one forward at a time), their output
+    # side and steps (a webcam stream is 1-4 Lightning steps at 256-512 px)
+    max_streams: int = 1
+    max_stream_size: int = 512
+    max_stream_steps: int = 8
+    stream_control_timeout_s: float = 30.0
 
     def __post_init__(self):
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.max_streams < 0:
+            raise ValueError(f"max_streams must be >= 0, got {self.max_streams}")
         if self.default_size is not None and (self.default_size % self.size_multiple
                                               or not self.size_multiple <= self.default_size <= self.max_size):
             raise ValueError(f"default_size must be a multiple of {self.size_multiple} in "
@@ -311,6 +320,35 @@ def parse_generate(payload: dict, files: dict | None, config: ServerConfig) -> J
     return Job(images=decoded, prompt=prompt, height=height, width=width, **common)
 
 
+STREAM_FIELDS = {"prompt", "steps", "size", "threshold", "seed", "format", "blend"}
+
+
+def parse_stream_control(payload, config: ServerConfig) -> dict:
+    """``WS /stream``'s first message: ``prompt``, ``steps`` (default 2), ``size`` (default 256,
+    capped by ``max_stream_size``), ``threshold`` (similar-frame skip, default 0.98; null: off),
+    ``seed``, ``blend`` (latent blend strength, default 0), ``format`` ("jpeg" or "png": the
+    edited frames' encoding). -> (StreamEditor keyword arguments, format)."""
+    if not isinstance(payload, dict):
+        raise RequestError(422, "the control message must be a JSON object")
+    _check_fields(payload, STREAM_FIELDS)
+    prompt = _prompt(payload, config)
+    steps = _in_range(_field(payload, "steps", int, 2), config.min_steps, config.max_stream_steps, "steps")
+    m = config.size_multiple
+    size = _in_range(_field(payload, "size", int, min(256, config.max_stream_size)), m, config.max_stream_size,
+                     "size")
+    if size % m:
+        raise RequestError(422, f"size must be a multiple of {m}, got {size}")
+    threshold = 0.98 if "threshold" not in payload else (
+        None if payload["threshold"] is None else _in_range(_field(payload, "threshold", float, 0.98), 0.0, 0.9999,
+                                                            "threshold"))
+    seed = _in_range(_field(payload, "seed", int, 0), 0, 2**63 - 1, "seed")
+    blend = _in_range(_field(payload, "blend", float, 0.0), 0.0, 0.95, "blend")
+    fmt = _field(payload, "format", str, "jpeg")
+    if fmt not in ("jpeg", "png"):
+        raise RequestError(422, f"format must be 'jpeg' or 'png', got {fmt[:20]!r}")
+    return dict(prompt=prompt, steps=steps, size=size, threshold=threshold, seed=seed, blend=blend), fmt
+
+
 # --- the queue and its worker --------------------------------------------------------------------
 
 
@@ -497,6 +535,18 @@ def _memory(device) -> dict:
     return out
 
 
+def encode_jpeg(image, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _close_reason(message) -> str:
+    """A WebSocket close reason: one line, at most 123 bytes of UTF-8 (RFC 6455 5.5.1)."""
+    text = one_line(message).encode("utf-8")[:123]
+    return text.decode("utf-8", "ignore")
+
+
 def encode_png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)  # level 1: 3-4x faster than 6 at ~10% more bytes
@@ -567,7 +617,7 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
     worker thread starts with the app's lifespan (or the first request) and stops with it."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Request, WebSocket
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -738,7 +788,108 @@ def create_app(engine, config: ServerConfig | None = None, *, service: EditServi
 
     @app.get("/health", summary="Model, backend, queue depth, memory, counters, limits")
     async def health():
-        return service.health()
+        return dict(service.health(), streams=dict(streams))
+
+    streams = dict(active=0, max=config.max_streams, started=0, refused=0)
+
+    @app.websocket("/stream")
+    async def stream(ws: WebSocket):
+        """Frames in, edited frames out; protocol in the README ("Stream mode")."""
+        await ws.accept()  # accepted first, so that a refusal carries its close code and reason
+        if streams["active"] >= config.max_streams:
+            streams["refused"] += 1
+            await ws.close(1008, _close_reason(f"too many streams: {streams['active']} running, the limit is "
+                                               f"{config.max_streams}"))
+            return
+        streams["active"] += 1
+        streams["started"] += 1
+        try:
+            outcome = await _serve_stream(ws)
+        finally:
+            streams["active"] -= 1
+        if outcome is not None:  # after the slot is free: a client that reconnects at once gets it
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await ws.close(outcome[0], _close_reason(outcome[1]))
+
+    async def _serve_stream(ws):
+        """Runs one stream; (close code, reason) to close with, or None when the client left."""
+        from .stream import StreamEditor
+
+        try:
+            first = await asyncio.wait_for(ws.receive(), config.stream_control_timeout_s)
+        except asyncio.TimeoutError:
+            return (1008, f"no control message within {config.stream_control_timeout_s:g} s")
+        if first["type"] == "websocket.disconnect":
+            return
+        if first.get("text") is None:
+            return (1003, 'the first message must be JSON text: {"prompt", "steps", "size", "threshold"}')
+        try:
+            payload = json.loads(first["text"])
+            kwargs, fmt = parse_stream_control(payload, config)
+        except ValueError as e:
+            return (1003, f"the control message is not valid JSON: {e}")
+        except RequestError as e:
+            return (1008, e.message)
+        if getattr(engine, "pipeline", None) is None and not hasattr(engine, "load"):
+            return (1011, "this server's engine cannot stream")
+        try:
+            editor = await run_in_threadpool(lambda: StreamEditor(engine, **kwargs))
+        except QKernelsError as e:
+            return (1008, str(e))
+        encode = encode_png if fmt == "png" else encode_jpeg
+        mime = "image/png" if fmt == "png" else "image/jpeg"
+        await ws.send_text(json.dumps(dict(type="ready", steps=kwargs["steps"], size=kwargs["size"],
+                                           threshold=kwargs["threshold"], format=fmt,
+                                           max_frame_bytes=config.max_image_bytes)))
+        t_open = time.monotonic()
+
+        async def writer():
+            async for r in editor.aresults():
+                data = await run_in_threadpool(encode, r.image)
+                rep = editor.stats
+                meta = dict(type="frame", seq=r.seq, source_seq=r.source_seq, skipped=r.skipped,
+                            latency_ms=round(r.latency_ms, 2), similarity=r.similarity, mime=mime,
+                            results=rep["results"] + rep["skipped"], dropped=rep["dropped"], skipped_total=rep["skipped"],
+                            fps=round((rep["results"] + rep["skipped"]) / max(time.monotonic() - t_open, 1e-9), 3))
+                if r.tag:  # the frame came as JSON text: answer likewise
+                    await ws.send_text(json.dumps(dict(meta, image=base64.b64encode(data).decode("ascii"))))
+                else:
+                    await ws.send_text(json.dumps(meta))
+                    await ws.send_bytes(data)
+
+        write_task = asyncio.ensure_future(writer())
+        try:
+            while True:
+                recv = asyncio.ensure_future(ws.receive())
+                done, _ = await asyncio.wait({recv, write_task}, return_when=asyncio.FIRST_COMPLETED)
+                if write_task in done:
+                    recv.cancel()
+                    exc = write_task.exception()
+                    return (1011, f"the stream failed: {type(exc).__name__}: {exc}" if exc
+                                       else "the stream ended")
+                msg = recv.result()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                text, data = msg.get("text"), msg.get("bytes")
+                is_json = text is not None
+                if is_json:
+                    try:
+                        obj = json.loads(text)
+                    except ValueError:
+                        return (1003, 'a text message must be JSON: {"image": "<base64>"}')
+                    if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+                        if isinstance(obj, dict) and "prompt" in obj:
+                            return (1008, "one stream per connection: reconnect to change the prompt")
+                        return (1003, 'a text message must be JSON: {"image": "<base64>"}')
+                    data = obj["image"]
+                try:
+                    image = await run_in_threadpool(decode_image, data, "frame", config)
+                except RequestError as e:
+                    return (1009 if e.status == 413 else 1003, e.message)
+                editor.submit(image, tag=is_json)
+        finally:
+            write_task.cancel()
+            await run_in_threadpool(lambda: editor.close(drain=False))  # nobody reads what is in flight
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():

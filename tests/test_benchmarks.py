@@ -324,3 +324,31 @@ def test_kernel_report_hopper_configs_fit(tmp_path):
         if r["kernel"] == "fp8_gemm_tma":
             assert int(r["tma"]) > 0 and int(r["cp_async"]) == 0, what
         assert len(r["ptx_sha"]) == 12
+
+
+def test_stream_quick_writes_its_rows(tmp_path):
+    """benchmarks.stream --quick (tiny pipeline, CPU, 32^2): measured rows for the plain loop and
+    the stream batch with skip and reuse, the CUDA-only variant listed with its reason."""
+    from benchmarks import stream
+
+    variants = "plain-bf16,batch-skip-reuse-quant,batch-skip-reuse-fused-graphs-quant"
+    assert stream.main(["--quick", "--variants", variants, "--frames", "3", "--quality-frames", "2",
+                        "--out", str(tmp_path)]) == 0
+    rows = _check_files(tmp_path, "stream", stream.COLUMNS)
+    got = {(r["variant"], r["scene"]): r for r in rows}
+    assert set(got) == {(v, s) for v in variants.split(",") for s in stream.SCENES}
+    for (variant, scene), r in got.items():
+        if "graphs" in variant:
+            assert r["status"] == "unavailable: CUDA graphs need CUDA"
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["fps"]) > 0 and 0 < float(r["latency_p50_ms"]) <= float(r["latency_p95_ms"])
+        assert int(r["results"]) >= 1 and float(r["peak_gb"]) > 0
+    # the still scene with skip off: a still output (coherence); with skip on, frames are skipped
+    plain_still = got[("plain-bf16", "still")]
+    assert plain_still["output_change"] == "" or float(plain_still["output_change"]) < 1e-3
+    assert float(plain_still["skip_rate"]) == 0.0
+    reuse_still = got[("batch-skip-reuse-quant", "still")]
+    assert float(reuse_still["skip_rate"]) > 0
+    assert float(got[("batch-skip-reuse-quant", "moving")]["psnr_vs_vlm_every_frame"]) > 0
+    assert float(got[("batch-skip-reuse-quant", "moving")]["fps_vs_plain_bf16"]) > 0

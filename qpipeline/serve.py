@@ -23,14 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="python -m qpipeline.serve", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="diffusers pipeline folder (Qwen-Image-Edit-2509/2511)")
-    src.add_argument("--demo", action="store_true",
-                     help="serve the tiny built-in pipeline with seeded random weights (no download)")
-    p.add_argument("--quantized", help="checkpoint folder from qpipeline.quantize / save_quantized")
-    p.add_argument("--lora", help="LoRA safetensors (merged at load, or a run-time branch with --quantized)")
-    p.add_argument("--backend", default="auto", help="quantization backend (default auto; bf16: none)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8200, help="default 8200; 0: any free port")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"waiting requests (default {d.max_queue})")
@@ -50,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared by ``qpipeline.serve`` and ``qpipeline.worker``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="diffusers pipeline folder (Qwen-Image-Edit-2509/2511)")
+    src.add_argument("--demo", action="store_true",
+                     help="the tiny built-in pipeline with seeded random weights (no download)")
+    p.add_argument("--quantized", help="checkpoint folder from qpipeline.quantize / save_quantized")
+    p.add_argument("--lora", help="LoRA safetensors (merged at load, or a run-time branch with --quantized)")
+    p.add_argument("--backend", default="auto", help="quantization backend (default auto; bf16: none)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
         return 2
     with contextlib.ExitStack() as stack:
         try:
-            engine, default_size = _engine(args, stack)
+            engine, default_size = engine_from_args(args, stack)
             config = ServerConfig(
                 max_queue=args.max_queue, timeout_s=args.timeout, max_image_bytes=int(args.max_image_mb * 2**20),
                 max_image_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
@@ -89,8 +94,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _engine(args, stack: contextlib.ExitStack):
-    """(engine, default output side) for the arguments."""
+def engine_from_args(args, stack: contextlib.ExitStack):
+    """(engine, default output side) for ``add_model_args``' flags; not loaded yet. ``--demo``
+    saves the tiny pipeline into a temporary folder that ``stack`` removes."""
     from .engine import Engine
 
     if not args.demo:

@@ -28,11 +28,17 @@ setup(
         # python -m qpipeline.serve; python-multipart: the endpoints' file uploads
         "server": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "diffusers>=0.35",
                    "transformers>=4.51", "pillow"],
+        # python -m qpipeline.serve --ray: the edit app on Ray Serve replicas. 2.60 (the version tested) has
+        # BackpressureConfig, which makes a full queue answer 429 instead of Ray's default 503
+        "ray": ["ray[serve]>=2.60", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9",
+                "diffusers>=0.35", "transformers>=4.51", "pillow"],
         # httpx: the server tests' client; selenium: the page's test (drives Debian's chromium-driver)
         "dev": ["pytest", "triton>=3.0", "diffusers>=0.35", "transformers>=4.51", "pillow", "matplotlib",
-                "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx", "selenium>=4.10"],
+                "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx", "selenium>=4.10",
+                "ray[serve]>=2.60"],
     },
     package_data={"qpipeline": ["static/*.html"]},
     entry_points={"console_scripts": ["qkernels-quantize=qpipeline.quantize:main",
-                                      "qpipeline-serve=qpipeline.serve:main"]},
+                                      "qpipeline-serve=qpipeline.serve:main",
+                                      "qpipeline-worker=qpipeline.worker:main"]},
 )

@@ -170,7 +170,10 @@ def test_a_killed_replica_is_replaced_and_its_requests_answered_before_their_dea
     elapsed = time.monotonic() - t0
     assert elapsed < 90 and all(isinstance(r, httpx.Response) for r in answers.values()), answers
     codes = {seed: r.status_code for seed, r in answers.items()}
-    assert any(code == 200 for code in codes.values()), codes
+    # the killed replica was running one of them (each replica holds one while 4 wait): that one
+    # gets Ray's 500 (measured: "Internal Server Error"), the others are answered by the survivor
+    errors = [seed for seed, code in codes.items() if code != 200]
+    assert 1 <= len(errors) <= 2 and any(code == 200 for code in codes.values()), codes
     for seed, r in answers.items():
         if r.status_code == 200:
             assert np.array_equal(pixels(r.json()["image"]), expected(engine, reference, seed, num_steps=6))
@@ -186,3 +189,20 @@ def test_a_killed_replica_is_replaced_and_its_requests_answered_before_their_dea
     with httpx.Client(base_url=cluster, timeout=60) as c:
         r = c.post("/generate", json=dict(images=[image], seed=200, **JOB))
     assert r.status_code == 200 and np.array_equal(pixels(r.json()["image"]), expected(engine, reference, 200))
+
+
+def test_serve_ray_refuses_bad_settings_in_one_line(capsys, tmp_path):
+    from qpipeline import serve
+    from qpipeline.integrations.ray_serve import app_builder
+
+    for argv, words in ((["--ray", "--demo", "--replicas", "0"], "--replicas must be >= 1"),
+                        (["--ray", "--demo", "--min-replicas", "1"], "give both --min-replicas and --max-replicas"),
+                        (["--ray", "--demo", "--min-replicas", "3", "--max-replicas", "2"], "0 <= min <= max"),
+                        (["--ray", "--model", str(tmp_path / "none")], "not a diffusers pipeline folder")):
+        assert serve.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and words in err and len(err.splitlines()) == 1, err
+    with pytest.raises(ValueError, match="unknown argument 'replica'"):
+        app_builder({"model": str(tmp_path), "replica": "2"})
+    with pytest.raises(ValueError, match="give model="):
+        app_builder({})

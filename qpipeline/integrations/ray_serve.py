@@ -10,7 +10,7 @@ memory-mapped, so replicas on one host share its page cache); one GPU when the c
 (``ray_actor_options={"num_gpus": 1}``, or ``gpus_per_replica`` < 1 to share one), none otherwise;
 one request at a time (``max_ongoing_requests=1``). The rest wait in Ray's bounded queue
 (``max_queued_requests``, per proxy); past it Ray answers 429 with ``Retry-After`` (Ray's default is
-503: ``BackpressureConfig`` sets 429, Ray >= 2.60). ``min_replicas`` + ``max_replicas``: Ray's
+503: ``BackpressureConfig`` sets 429; tested with Ray 2.60). ``min_replicas`` + ``max_replicas``: Ray's
 autoscaling between those bounds instead of a fixed count.
 
 The endpoints, input limits, deadline (``timeout_s``: 504) and ``/health`` are the single server's,

@@ -21,6 +21,7 @@ def _torchvision_for_installed_torch() -> str:
 
 
 _DIFFUSERS = ["diffusers>=0.35", "transformers>=4.51", "accelerate>=1.0", "peft>=0.17", "pillow"]
+_SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "websockets>=12", *_DIFFUSERS]
 
 setup(
     name="qkernels",
@@ -47,14 +48,16 @@ setup(
         "peers": ["torchao", "bitsandbytes"],
         # python -m qpipeline.serve; python-multipart: the endpoints' file uploads; websockets:
         # uvicorn's implementation of WS /stream
-        "server": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "websockets>=12", *_DIFFUSERS],
+        "server": _SERVER,
+        # python -m qpipeline.serve --ray: the edit app on Ray Serve replicas. 2.60 (the version tested) has
+        # BackpressureConfig, which makes a full queue answer 429 instead of Ray's default 503
+        "ray": ["ray[serve]>=2.60", *_SERVER],
         # httpx: the server tests' client; websockets: the stream tests' client (and the server's);
         # selenium: the page's test (drives Debian's chromium-driver)
-        "dev": ["pytest", "triton>=3.0", *_DIFFUSERS, "matplotlib",
-                "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "websockets>=12", "httpx",
-                "selenium>=4.10"],
+        "dev": ["pytest", "triton>=3.0", "matplotlib", *_SERVER, "httpx", "selenium>=4.10", "ray[serve]>=2.60"],
     },
     package_data={"qpipeline": ["static/*.html"]},
     entry_points={"console_scripts": ["qkernels-quantize=qpipeline.quantize:main",
-                                      "qpipeline-serve=qpipeline.serve:main"]},
+                                      "qpipeline-serve=qpipeline.serve:main",
+                                      "qpipeline-worker=qpipeline.worker:main"]},
 )

@@ -254,15 +254,19 @@ class Engine:
         return model
 
     def unload(self) -> None:
-        """Drop the pipeline and free its device memory. A later ``generate`` loads again."""
+        """Drop the pipeline and free its memory: the device's (CUDA caching allocator emptied)
+        and the process's (heap pages handed back to the OS). A later ``generate`` loads again."""
         with self._lock:
             self.pipeline = self._given = None
             self.fuse_report = None
+            self.report = self.text_encoder_report = None
+            self.last_timings = None
             if self.embedding_cache is not None:
                 self.embedding_cache.clear()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            _trim_heap()
 
     # ------------------------------------------------------------------------------------------
 
@@ -314,3 +318,18 @@ class Engine:
                 )
             self.last_timings = record.timings()
             return out.images[0]
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS. glibc keeps the arenas of freed tensors mapped: after
+    unloading the tiny pipeline widened to hidden 1024 (540 MB loaded on CPU), RSS stayed 444 MB
+    over its pre-load 497 MB until ``malloc_trim(0)``, then 4 MB over. Not glibc: nothing to do."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        pass

@@ -23,14 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="python -m qpipeline.serve", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="diffusers pipeline folder (Qwen-Image-Edit-2509/2511)")
-    src.add_argument("--demo", action="store_true",
-                     help="serve the tiny built-in pipeline with seeded random weights (no download)")
-    p.add_argument("--quantized", help="checkpoint folder from qpipeline.quantize / save_quantized")
-    p.add_argument("--lora", help="LoRA safetensors (merged at load, or a run-time branch with --quantized)")
-    p.add_argument("--backend", default="auto", help="quantization backend (default auto; bf16: none)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8200, help="default 8200; 0: any free port")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"waiting requests (default {d.max_queue})")
@@ -47,26 +40,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-size", type=int, default=None,
                    help="output side when a request gives none (default: the pipeline's ~1 MP; --demo: 64)")
     p.add_argument("--log-level", default="warning", help="uvicorn's (default warning)")
+    r = p.add_argument_group("Ray Serve (--ray: the same app on N replicas, one engine and one GPU each; "
+                             "--max-queue is then Ray's queue, per proxy)")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve (the ray extra)")
+    r.add_argument("--replicas", type=int, default=1, help="replicas, one engine each (default 1)")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto': the one running here); default: start a local one")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscale between --min-replicas ...")
+    r.add_argument("--max-replicas", type=int, default=None, help="... and --max-replicas")
+    r.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="default 1 when the cluster has GPUs, else 0; 0.5: two replicas share a GPU")
     return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags, shared by ``qpipeline.serve`` and ``qpipeline.worker``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="diffusers pipeline folder (Qwen-Image-Edit-2509/2511)")
+    src.add_argument("--demo", action="store_true",
+                     help="the tiny built-in pipeline with seeded random weights (no download)")
+    p.add_argument("--quantized", help="checkpoint folder from qpipeline.quantize / save_quantized")
+    p.add_argument("--lora", help="LoRA safetensors (merged at load, or a run-time branch with --quantized)")
+    p.add_argument("--backend", default="auto", help="quantization backend (default auto; bf16: none)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.ray:
+        return _main_ray(args)
     try:
         import uvicorn
 
-        from .server import ServerConfig, create_app
+        from .server import create_app
     except ImportError as e:
         print(f"error: the server needs its extra: pip install 'qkernels[server]' ({e})", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
         try:
-            engine, default_size = _engine(args, stack)
-            config = ServerConfig(
-                max_queue=args.max_queue, timeout_s=args.timeout, max_image_bytes=int(args.max_image_mb * 2**20),
-                max_image_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
-                default_size=args.default_size if args.default_size is not None else default_size,
-                cors_origins=tuple(args.cors))
+            engine, default_size = engine_from_args(args, stack)
+            config = _config(args, default_size)
             engine.load()
         except (QKernelsError, ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -89,8 +102,39 @@ def main(argv=None) -> int:
     return 0
 
 
-def _engine(args, stack: contextlib.ExitStack):
-    """(engine, default output side) for the arguments."""
+def _config(args, default_size=None):
+    from .server import ServerConfig
+
+    return ServerConfig(
+        max_queue=args.max_queue, timeout_s=args.timeout, max_image_bytes=int(args.max_image_mb * 2**20),
+        max_image_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
+        default_size=args.default_size if args.default_size is not None else default_size,
+        cors_origins=tuple(args.cors))
+
+
+def _main_ray(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+
+        from .integrations import ray_serve
+    except ImportError as e:
+        print(f"error: --ray needs its extra: pip install 'qkernels[ray]' ({e})", file=sys.stderr)
+        return 2
+    try:
+        config = _config(args)
+        ray_serve.RaySettings(replicas=args.replicas, min_replicas=args.min_replicas,
+                              max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return ray_serve.run(args, config)
+
+
+def engine_from_args(args, stack: contextlib.ExitStack):
+    """(engine, default output side) for ``add_model_args``' flags; not loaded yet. ``--demo``
+    saves the tiny pipeline into a temporary folder that ``stack`` removes."""
     from .engine import Engine
 
     if not args.demo:

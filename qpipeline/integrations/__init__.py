@@ -5,6 +5,9 @@ that library's quantizer registry is imported (at once if it already is), so imp
 qpipeline never imports diffusers or transformers itself (``diffusers.quantizers`` alone takes
 seconds to import), and ``Model.from_pretrained(folder)`` of a qkernels folder needs nothing
 more than ``import qpipeline`` beforehand.
+
+``ray_serve``: the edit app on Ray Serve replicas (the ``ray`` extra; imported only by whoever
+uses it).
 """
 
 from __future__ import annotations

@@ -37,17 +37,13 @@ from PIL import Image  # noqa: E402
 from qpipeline.demo_pipeline import demo_engine, reference_images, small_vae_references  # noqa: E402
 from qpipeline.server import ServerConfig, create_app  # noqa: E402
 
+from .net import ThreadedServer, png_bytes, wait_for  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = dict(num_steps=2, height=32, width=32)
 # Limits of the subprocess server, small so that each limit is cheap to cross.
 LIMITS = ["--max-image-mb", "0.05", "--max-pixels", "4096", "--max-images", "2", "--max-steps", "8"]
 MAX_IMAGE_BYTES = int(0.05 * 2**20)
-
-
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def b64(data: bytes) -> str:
@@ -114,35 +110,20 @@ class RecordingEngine:
                 self.in_flight -= 1
 
 
-class LiveServer:
-    """``create_app`` under uvicorn on 127.0.0.1 (a free port) in a thread of this process."""
+class LiveServer(ThreadedServer):
+    """``create_app`` over a recording engine, under uvicorn in a thread of this process."""
 
     def __init__(self, engine, **config):
         self.engine = RecordingEngine(engine)
-        self.app = create_app(self.engine, ServerConfig(default_size=32, **config))
+        super().__init__(create_app(self.engine, ServerConfig(default_size=32, **config)))
         self.service = self.app.state.service
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        self.url = "http://127.0.0.1:%d" % self.server.servers[0].sockets[0].getsockname()[1]
-        return self
 
     def __exit__(self, *exc):
         self.engine.gate.set()
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__exit__(*exc)
 
     def wait_for(self, condition, what: str, timeout: float = 30):
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
+        wait_for(condition, what, timeout, poll=0.02)
 
 
 def _post_in_thread(url: str, path: str, results: dict, key, timeout: float = 120, **json):

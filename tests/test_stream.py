@@ -16,7 +16,6 @@ import base64
 import io
 import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -25,6 +24,8 @@ import pytest
 from qkernels.errors import InputError
 from qpipeline.demo_pipeline import demo_engine, small_vae_references
 from qpipeline.stream import StreamEditor
+
+from .net import ThreadedServer, png_bytes
 
 SIZE = 32
 PROMPT = "make it snow"
@@ -192,36 +193,21 @@ uvicorn = pytest.importorskip("uvicorn", reason="the server extra: pip install -
 websockets = pytest.importorskip("websockets", reason="the dev extra: pip install -e '.[dev]'")
 
 
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+png = png_bytes
 
 
-class Server:
-    """``create_app`` under uvicorn on 127.0.0.1 (a free port), in a thread of this process."""
+class Server(ThreadedServer):
+    """``create_app`` under uvicorn in a thread of this process; ``ws``: its stream's URL."""
 
     def __init__(self, engine, **config):
         from qpipeline.server import ServerConfig, create_app
 
-        self.app = create_app(engine, ServerConfig(default_size=SIZE, **config))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(create_app(engine, ServerConfig(default_size=SIZE, **config)))
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__enter__()
         self.ws = f"ws://127.0.0.1:{self.port}/stream"
         return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 CONTROL = dict(prompt=PROMPT, steps=2, size=SIZE, threshold=None, seed=3, format="png")

@@ -8,13 +8,10 @@ in this process for the job's seed (the same demo engine the workers build), err
 jobs that cannot run. Each generate is 1 step at 32x32 (~1 s on 2 busy cores).
 """
 
-import base64
-import io
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,38 +23,14 @@ import pytest
 
 pytest.importorskip("uvicorn", reason="the queue server of the test: pip install -e '.[dev]'")
 
-from PIL import Image  # noqa: E402
-
 from qpipeline.demo_pipeline import demo_engine, reference_images, small_vae_references  # noqa: E402
 from qpipeline.worker import Backoff  # noqa: E402
+
+from .net import free_port, pixels_b64 as pixels, png_b64, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
 JOB = dict(prompt="make it red", num_steps=1, true_cfg_scale=1.0, width=32, height=32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def wait_for(condition, what: str, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 class QueueServer:
@@ -97,9 +70,11 @@ class QueueServer:
 
 
 class Worker:
-    def __init__(self, tmp: Path, name: str, queue_url: str, *args: str):
+    def __init__(self, tmp: Path, name: str, queue_url: str, *args: str, gate: Path | None = None):
+        """``gate``: each job's generate waits until that file exists (``tests/gated_worker.py``)."""
         self.log_path = tmp / f"worker-{name}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "qpipeline.worker", "--queue", queue_url, "--demo",
+        module = ["qpipeline.worker"] if gate is None else ["tests.gated_worker", str(gate)]
+        self.proc = subprocess.Popen([sys.executable, "-m", *module, "--queue", queue_url, "--demo",
                                       "--poll", "0.2", "--max-backoff", "1.5", *args], cwd=REPO, env=ENV,
                                      stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
 
@@ -203,10 +178,12 @@ def test_two_workers_drain_20_jobs_through_faults(engine, reference, tmp_path):
 def test_sigterm_mid_job_finishes_uploads_and_exits_0(engine, reference, tmp_path):
     token = "tok-3f9a1c77e2b54d0d"
     (tmp_path / "token").write_text(token + "\n")
-    slow = dict(id="job-slow", images=[png_b64(reference)], seed=7, **{**JOB, "num_steps": 20})
+    gate = tmp_path / "gate"  # the job in hand finishes only once this file exists
+    slow = dict(id="job-slow", images=[png_b64(reference)], seed=7, **JOB)
     server = QueueServer(tmp_path, [slow, dict(id="job-next", images=[png_b64(reference)], seed=8, **JOB)],
                          "--token", token).start()
-    worker = Worker(tmp_path, "a", server.url, "--token-file", str(tmp_path / "token"), "--health-port", "0")
+    worker = Worker(tmp_path, "a", server.url, "--token-file", str(tmp_path / "token"), "--health-port", "0",
+                    gate=gate)
     tokenless = Worker(tmp_path, "no-token", server.url)
     try:
         assert tokenless.proc.wait(180) == 2  # refused token: a one-line error, exit 2
@@ -214,20 +191,30 @@ def test_sigterm_mid_job_finishes_uploads_and_exits_0(engine, reference, tmp_pat
         wait_for(lambda: server.state()["handed_out"].get("job-slow") or worker.proc.poll() is not None,
                  "the slow job to be taken", 180)
         health_url = re.search(r"health on (http://\S+)", worker.log()).group(1)
-        t0 = time.monotonic()
-        with urllib.request.urlopen(health_url, timeout=10) as r:
-            health = json.load(r)
-        assert time.monotonic() - t0 < 2 and health["running"] == "job-slow" and health["model_loaded"]
-        assert "job-slow" not in server.state()["results"]  # still running when the signal comes
+
+        def health():  # answered from its own thread, so quickly even while the job runs
+            t0 = time.monotonic()
+            with urllib.request.urlopen(health_url, timeout=10) as r:
+                answer = json.load(r)
+            assert time.monotonic() - t0 < 2
+            return answer
+
+        # The queue marks the job handed out before the worker has parsed it: poll until it says so.
+        wait_for(lambda: health()["running"] == "job-slow" or worker.proc.poll() is not None,
+                 "the worker's health to name the held job", 60)
+        assert health()["model_loaded"] and worker.proc.poll() is None
         worker.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: health()["stopping"], "the worker to take the signal", 30)
+        assert "job-slow" not in server.state()["results"]  # still in hand after the signal
+        gate.touch()
         assert worker.proc.wait(120) == 0, worker.log()[-3000:]
         state = server.state()
     finally:
+        gate.touch()
         worker.stop(5)
         tokenless.stop(5)
         server.kill()
-    assert np.array_equal(pixels(state["results"]["job-slow"]["image"]),
-                          expected_image(engine, reference, 7, num_steps=20))
+    assert np.array_equal(pixels(state["results"]["job-slow"]["image"]), expected_image(engine, reference, 7))
     assert [j["id"] for j in state["waiting"]] == ["job-next"]  # not taken after the signal
     assert "worker: stopped (1 done, 0 failed)" in worker.log()
     for w in (worker, tokenless):

@@ -152,6 +152,7 @@ def cuda_path_on_cpu():
     patch(tb, "triton_reason", lambda device: None)
     patch(tb, "fp8_gemm_reason", lambda device: None)
     patch(tb, "_kernels", lambda x: tb._OPS)
+    patch(tb, "_replays", lambda x: not torch.compiler.is_compiling())
     patch(common, "check_device", lambda *tensors: None)
     patch(quant, "check_device", lambda *tensors: None)
     ops: list[tuple[KernelOp, object]] = []

@@ -132,6 +132,9 @@ class QuantLinear(nn.Module):
         self._requested = backend
         self._backend: Backend
         self._device: torch.device
+        # What a backend keeps per input shape to make later calls cheaper (the Triton backends'
+        # recorded launches); dropped whenever the backend is resolved again.
+        self._plans: dict = {}
         self._resolve()
 
     # ----------------------------------------------------------------------------------------
@@ -269,6 +272,7 @@ class QuantLinear(nn.Module):
 
     def _resolve(self, strict: bool = False) -> None:
         """Choose the backend for the device the tensors are on (construction, a move, a load)."""
+        self._plans = {}
         device = self.weight.device
         self._device = device
         if device.type == "meta":
@@ -430,6 +434,7 @@ class QuantLinear(nn.Module):
             self._loras[name] = (_apply_float(fn, A), _apply_float(fn, B), scale)
         if self.weight.device != self._device:  # moved: the backend follows the device
             self._resolve()
+        self._plans = {}  # recorded for the tensors as they were (a cast changes the bias dtype)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -445,6 +450,7 @@ class QuantLinear(nn.Module):
                                       unexpected_keys, error_msgs)
         if self.weight.device != self._device:  # load_state_dict(assign=True) onto a device
             self._resolve()
+        self._plans = {}
 
     def extra_repr(self) -> str:
         act = "weight-only" if not formats.get_format(self.format).quantizes_activations else (

@@ -115,6 +115,80 @@ def layer_checks(sim) -> None:
             check(f"{backend} forward: {names} after warm-up", names == kernels)
 
 
+def replay_checks(sim) -> None:
+    """A layer's replayed forward (``Replay``, the Triton backends' default on CUDA) launches the
+    same compiled kernels, grids and arguments as its forward through the ops and launchers, with
+    the layer's tensors and the input in the same places and new outputs of the same dtype and
+    shape; an input it was not recorded for (misaligned) goes through the launchers instead."""
+    from qkernels import QuantLinear
+    from qkernels.backends import triton_backends as tb
+
+    def launches(layer, x, replay: bool):
+        tb._TritonW8A8.REPLAY = replay
+        try:
+            before = len(sim.launches)
+            y = layer(x)
+            return y, sim.launches[before:]
+        finally:
+            tb._TritonW8A8.REPLAY = True
+
+    def same(a, b, known) -> bool:
+        def arg(v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            return ("known", v.data_ptr()) if v.data_ptr() in known else ("new", v.dtype, tuple(v.shape))
+
+        return (a.kernel_hash, a.grid, tuple(map(arg, a.args))) == (b.kernel_hash, b.grid, tuple(map(arg, b.args)))
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 128, dtype=torch.bfloat16)
+    no_bias = torch.nn.Linear(96, 128, bias=False, dtype=torch.bfloat16)
+    with cuda_path_on_cpu(), torch.no_grad():
+        for backend in ("int8-triton", "fp8-triton"):
+            for what, base, kw in (("dynamic", lin, {}), ("no bias", no_bias, {}),
+                                   ("static", lin, dict(activation="static", input_scale=0.05)),
+                                   ("smoothed", lin, dict(input_smooth=torch.rand(96) + 0.5))):
+                layer = QuantLinear.from_linear(base, backend, **kw)
+                for m, make in ((16, aligned), (1, aligned), (17, aligned), (16, misaligned)):
+                    x = make((m, 96), torch.bfloat16)
+                    for _ in range(3):  # compile, record, replay
+                        y, replayed = launches(layer, x, True)
+                    y_ref, direct = launches(layer, x, False)
+                    known = {t.data_ptr() for t in (x, *layer._buffers.values()) if t is not None}
+                    name = f"replay {backend} {what} m={m}{' misaligned x' if make is misaligned else ''}"
+                    check(f"{name}: {[launch.kernel for launch in replayed]} as launched directly",
+                          len(replayed) == len(direct) and all(same(a, b, known) for a, b in zip(replayed, direct))
+                          and y.shape == y_ref.shape and y.dtype == y_ref.dtype and y.data_ptr() != y_ref.data_ptr())
+                    replays = layer._plans.get((m, x.dtype))
+                    check(f"{name}: a recording is kept", replays is not None and not isinstance(replays, int))
+                layer.to(torch.float32)  # the bias is cast: recordings of the bf16 bias go
+                check(f"replay {backend} {what}: a cast drops the recordings", layer._plans == {})
+
+
+def record_checks(sim) -> None:
+    """What ``Replay.record`` refuses: a call that runs an aten op besides allocating, one whose
+    launch went through Triton's own path (a first call), one that returns an input."""
+    from qkernels.triton._launch import Replay
+
+    quant = importlib.import_module("qkernels.triton.quant")
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    with cuda_path_on_cpu():
+        _record_checks(quant, Replay, x)
+
+
+def _record_checks(quant, Replay, x) -> None:
+    quant.quantize_per_token(x, None, False)  # compile
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False)[0], x)
+    check("record: a call that only allocates and launches is replayable", plan is not None)
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x * 2, None, False)[0], x)
+    check("record: a call that also runs an aten op (x * 2) is not", plan is None)
+    y = torch.randn(8, 96, dtype=torch.bfloat16)  # a new M: the launcher's first call compiles
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False)[0], y)
+    check("record: a first call (Triton's own path) is not", plan is None)
+    _, plan = Replay.record(lambda x: (quant.quantize_per_token(x, None, False), x)[1], x)
+    check("record: a call returning its input is not", plan is None)
+
+
 def main(argv: list[str]) -> int:
     if "--break-spec" in argv:
         original = _launch.specialization
@@ -123,11 +197,16 @@ def main(argv: list[str]) -> int:
             return tuple(s[:1] if isinstance(a, torch.Tensor) else s for a, s in zip(args, original(args)))
 
         _launch.specialization = no_alignment
+    if "--break-replay" in argv:  # the bug the replay checks must catch: inputs never checked
+        _launch.Replay.inputs_match = staticmethod(lambda inputs, specs: True)
     with simulated_driver() as sim:
         quant_checks(sim)
         gemm_checks(sim)
         if "--no-layer" not in argv:
             layer_checks(sim)
+        if "--no-replay" not in argv:
+            record_checks(sim)
+            replay_checks(sim)
     print("all launch checks passed")
     return 0
 

@@ -36,6 +36,15 @@ def test_fast_launch_matches_triton_launches():
 @pytest.mark.slow
 def test_launch_checks_catch_a_key_without_alignment():
     """The same checks fail when the launcher's key leaves out pointer alignment."""
-    out = _run("--break-spec", "--no-layer")
+    out = _run("--break-spec", "--no-layer", "--no-replay")
     assert out.returncode != 0
     assert "FAIL quant m=16 misaligned x" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_replay_checks_catch_a_replay_that_ignores_its_inputs():
+    """The replay checks fail when a recorded forward replays for an input it was not recorded
+    for (a misaligned x: Triton compiled another kernel for it)."""
+    out = _run("--break-replay", "--no-layer")
+    assert out.returncode != 0
+    assert "FAIL replay int8-triton dynamic m=16 misaligned x" in out.stdout, out.stdout + out.stderr

@@ -23,14 +23,18 @@ proton) sends every call through Triton's own path, so its hooks still see each 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["KernelLauncher", "cdiv", "next_power_of_2"]
+__all__ = ["KernelLauncher", "Replay", "cdiv", "next_power_of_2", "recording"]
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
@@ -100,15 +104,19 @@ class KernelLauncher:
             return
         kernel, tail, full_meta = hit
         g = grid(full_meta) if callable(grid) else grid
+        g = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
         stream = driver.active.get_current_stream(device)
         # No hooks registered: no launch metadata, and the launcher skips None hooks.
-        kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, kernel.function,
-                   kernel.packed_metadata, None, None, None, *args, *tail)
+        kernel.run(*g, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+        if _recorder.launches is not None:
+            _recorder.launches.append((kernel, g, args, tail, device))
 
     def _slow(self, grid, full_key, args, meta) -> None:
         """Through Triton (it tunes on a new autotuner key, compiles on a new specialization, and
         launches), then record what the fast path needs to repeat that launch."""
         kernel = self.kernel.run(*args, grid=grid, warmup=False, **meta)
+        if _recorder.launches is not None:
+            _recorder.launches.append(None)  # Triton's own path: not repeatable by a Replay
         config = {}
         if self.autotuner is not None:
             best = self.autotuner.best_config
@@ -125,3 +133,131 @@ class KernelLauncher:
         binder = self.jit.device_caches[full_key[2]][4]
         bound, _, _ = binder(*args, **kwargs)
         self._compiled[full_key] = (kernel, tuple(bound.values())[len(args):], kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Record once, replay many: a layer's whole forward without its per-call Python
+
+
+class _Recorder(threading.local):
+    launches: list | None = None
+
+
+_recorder = _Recorder()
+
+
+class _FactoryOnly(TorchDispatchMode):
+    """Notes every aten op but the allocations a recorded call may make: a call that computes
+    anything outside the recorded launches cannot be replayed by them."""
+
+    ALLOWED = frozenset({torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default})
+
+    def __init__(self):
+        super().__init__()
+        self.other: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.ALLOWED:
+            self.other.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def recording():
+    """The direct launches (``KernelLauncher`` fast path) made in this thread inside the block,
+    as a list; a launch through Triton's own path (a first call, a hook) is recorded as None."""
+    previous, _recorder.launches = _recorder.launches, []
+    try:
+        yield _recorder.launches
+    finally:
+        _recorder.launches = previous
+
+
+class Replay:
+    """A call that is nothing but direct kernel launches, repeated with new tensors in the same
+    places and none of the call's Python: its checks, launch-shape choices, autotuner keys,
+    specialization keys and the launcher's lookups, paid once.
+
+    Built by :meth:`record` from one real call of ``fn(*inputs)``. A tensor argument of a launch
+    that is one of ``inputs`` is read from the inputs of each replay; any other tensor argument
+    was allocated by the call (a kernel's output) and each replay allocates a new one like it
+    (never reused: a result may outlive the next call). Everything else (ints, floats, the grid,
+    the compiled kernel) is what the recorded call launched with, so a Replay is only valid for
+    the inputs it was recorded on: the same non-tensor arguments (the caller's key), and per
+    input the same None-ness, dtype, shape, strides and 16-byte alignment (checked each call:
+    the launches were sized and specialized on them). ``__call__`` returns None where it cannot replay (another device, a
+    launch hook such as a profiler registered, an input that differs): call ``fn`` then.
+    """
+
+    __slots__ = ("device", "inputs", "fresh", "launches", "result")
+
+    @classmethod
+    def record(cls, fn, *inputs):
+        """``(fn(*inputs), replay or None)``: None where the call is not replayable (it launched
+        through Triton's own path, ran other aten ops, returned something not launched into, ...)."""
+        mode = _FactoryOnly()
+        with recording() as launches, mode:
+            result = fn(*inputs)
+        return result, cls._build(launches, inputs, result, mode.other)
+
+    @classmethod
+    def _build(cls, launches, inputs, result, other_ops):
+        if not launches or None in launches or other_ops or not isinstance(result, torch.Tensor):
+            return None
+        devices = {launch[4] for launch in launches}
+        if len(devices) != 1:
+            return None
+        ids = {id(t): i for i, t in enumerate(inputs) if t is not None}
+        fresh: dict[int, int] = {}  # id -> index in the replay's value list
+        fresh_specs = []
+        plan = []
+        for kernel, grid, args, tail, _ in launches:
+            template, slots = list(args), []
+            for pos, a in enumerate(args):
+                if isinstance(a, torch.Tensor):
+                    if id(a) in ids:
+                        slots.append((pos, ids[id(a)]))
+                        continue
+                    if id(a) not in fresh:
+                        if a.storage_offset() != 0 or not a.is_contiguous() or a.data_ptr() & 15:
+                            return None  # a view: not something a replay can allocate
+                        fresh[id(a)] = len(inputs) + len(fresh_specs)
+                        fresh_specs.append((tuple(a.shape), a.dtype, a.device))
+                    slots.append((pos, fresh[id(a)]))
+                elif not (a is None or type(a) in (int, float, bool)):
+                    return None  # a host-side object built per call (a TMA descriptor)
+            for pos, _ in slots:
+                template[pos] = None  # the replay fills them; hold no tensor of this call
+            plan.append((kernel.run, grid, kernel.function, kernel.packed_metadata, template, slots, tail))
+        if id(result) not in fresh:
+            return None
+        self = cls.__new__(cls)
+        self.device = devices.pop()
+        self.inputs = cls._specs(inputs)
+        self.fresh = tuple(fresh_specs)
+        self.launches = tuple(plan)
+        self.result = fresh[id(result)]
+        return self
+
+    @staticmethod
+    def _specs(inputs) -> tuple:
+        # What a launch was specialized or sized on, per input (~2 us for six inputs).
+        return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15 == 0) for t in inputs)
+
+    @classmethod
+    def inputs_match(cls, inputs, specs) -> bool:
+        """Each input as recorded: None-ness, dtype, shape, strides, 16-byte alignment."""
+        return cls._specs(inputs) == specs
+
+    def __call__(self, *inputs):
+        if not self.inputs_match(inputs, self.inputs) or _hooks_registered() or driver.active.get_current_device() != self.device or \
+                torch.compiler.is_compiling():
+            return None
+        values = [*inputs, *[torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in self.fresh]]
+        stream = driver.active.get_current_stream(self.device)
+        for run, grid, function, packed, template, slots, tail in self.launches:
+            args = template.copy()
+            for pos, i in slots:
+                args[pos] = values[i]
+            run(*grid, stream, function, packed, None, None, None, *args, *tail)
+        return values[self.result]

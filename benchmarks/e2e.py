@@ -117,7 +117,8 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
     hw = (args.height // 16, args.width // 16)
     compile_peers = args.compile_peers if args.compile_peers is not None else device.type == "cuda"
     variants = all_variants(device, peers=not args.no_peers, compile_peers=compile_peers,
-                            compile_ours=args.compile_ours, only=args.only.split(",") if args.only else None)
+                            compile_ours=args.compile_ours, only=args.only.split(",") if args.only else None,
+                            model_level=True)
     ckpt, ckpt_reason = _checkpoint_api()
     common = dict(bench="e2e", size=args.size, blocks=args.blocks, height=args.height, width=args.width,
                   reference=bool(args.reference))
@@ -131,9 +132,10 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
         model = None
         try:
             _free(device)
-            from qkernels.backends.triton_backends import FP8Triton
+            from qkernels.backends.triton_backends import FP8Triton, _TritonW8A8
 
             FP8Triton.TMA_MIN_M = TMA_DEFAULT if v.tma_min_m == -1 else v.tma_min_m
+            _TritonW8A8.REPLAY = v.replay
             t0 = time.perf_counter()
             model = build_demo_transformer(args.size, num_layers=args.blocks, device=device,
                                            **({"zero_cond_t": True} if args.zero_cond_t else {}))
@@ -171,7 +173,7 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
             row["ms_60_blocks_extrapolated"] = t.median_ms * REAL_BLOCKS / args.blocks
             row["weight_gb_60_blocks_extrapolated"] = (nonblock + row["block_weight_bytes"] * REAL_BLOCKS) / 1e9
             row["status"] = "ok"
-            if args.no_load or v.fuse or v.tma_min_m != -1:  # one load row per backend is enough
+            if args.no_load or v.fuse or v.tma_min_m != -1 or not v.replay:  # one load row per backend is enough
                 row["load_status"] = "skipped: --no-load" if args.no_load else "skipped: timed on the plain variant"
             else:
                 row.update(_load_time(ckpt, ckpt_reason, v, model, device))

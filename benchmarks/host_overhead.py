@@ -51,19 +51,27 @@ def _time_round(fn, x, reps: int, device: torch.device) -> tuple[float, float]:
     return (t1 - t0) / reps * 1e6, (t2 - t0) / reps * 1e6
 
 
-def _time_cases(cases: list[tuple[dict, object, torch.Tensor]], reps: int, device: torch.device,
+def _time_cases(cases: list[tuple[dict, object, torch.Tensor, bool]], reps: int, device: torch.device,
                 rounds: int) -> None:
-    """Time every (row, fn, x) case round-robin, ``rounds`` times, and keep each case's best
-    round in its row. On a shared 2-core VM the same loop can run 2x slower for seconds at a
-    time (other tenants, clock changes): interleaving spreads such a stretch over all cases
-    instead of one, and the minimum drops it (interference only ever adds time)."""
+    """Time every (row, fn, x, replay) case round-robin, ``rounds`` times, and keep each case's
+    best round in its row; ``replay`` is the Triton backends' ``REPLAY`` during the case's rounds
+    (so with and without replay are timed in the same rounds). On a shared 2-core VM the same
+    loop can run 2x slower for seconds at a time (other tenants, clock changes): interleaving
+    spreads such a stretch over all cases instead of one, and the minimum drops it
+    (interference only ever adds time)."""
+    from qkernels.backends.triton_backends import _TritonW8A8
+
     best: dict[int, tuple[float, float]] = {}
-    for _ in range(rounds):
-        for i, (row, fn, x) in enumerate(cases):
-            host, wall = _time_round(fn, x, reps, device)
-            old = best.get(i, (float("inf"), float("inf")))
-            best[i] = (min(old[0], host), min(old[1], wall))
-    for i, (row, fn, x) in enumerate(cases):
+    try:
+        for _ in range(rounds):
+            for i, (row, fn, x, replay) in enumerate(cases):
+                _TritonW8A8.REPLAY = replay
+                host, wall = _time_round(fn, x, reps, device)
+                old = best.get(i, (float("inf"), float("inf")))
+                best[i] = (min(old[0], host), min(old[1], wall))
+    finally:
+        _TritonW8A8.REPLAY = True
+    for i, (row, *_) in enumerate(cases):
         row["host_us"] = best[i][0]
         if device.type == "cuda":
             row["wall_us"] = best[i][1]
@@ -81,11 +89,11 @@ def _quantized(lin: nn.Linear, backend: str, activation: str, x: torch.Tensor):
     return QuantLinear.from_linear(lin, backend, activation=activation, input_scale=scale)
 
 
-def _add_case(rows: list[dict], cases: list, row: dict, build, x: torch.Tensor) -> None:
+def _add_case(rows: list[dict], cases: list, row: dict, build, x: torch.Tensor, replay: bool = True) -> None:
     """Build and warm one case (``build(row)`` returns the callable, may fill row columns); a
     failure is the row's status instead of a timing."""
     try:
-        cases.append((row, build(row), x))
+        cases.append((row, build(row), x, replay))
     except Exception as exc:
         row["status"] = harness.fmt_status(exc)
         _progress(row)
@@ -100,7 +108,7 @@ def _simulated_rows(args, rows: list[dict]) -> list[dict]:
     reference = dict(bench="host", variant="torch-op", family="torch", format="none", activation="-", mode="cpu",
                      M=1, K=64, N=64, reps=args.reps,
                      note="one F.linear at 1x64x64 on this CPU: the unit of a PyTorch op's host cost here")
-    cases = [(reference, lambda v: F.linear(v, tiny.weight, tiny.bias), torch.randn(1, 64, dtype=torch.bfloat16))]
+    cases = [(reference, lambda v: F.linear(v, tiny.weight, tiny.bias), torch.randn(1, 64, dtype=torch.bfloat16), True)]
     with simulated_driver(record_args=False) as sim, cuda_path_on_cpu(), torch.no_grad():
         for k, n in args.shapes:
             lin = make_linear(k, n, "cpu")
@@ -155,11 +163,11 @@ def _cuda_rows(args, rows: list[dict]) -> list[dict]:
                                 module = nn.Sequential(copy.deepcopy(lin))
                                 v.apply(module)
                                 fn = module[0]
-                            for _ in range(3):  # compile, tune, warm
+                            for _ in range(3):  # compile, tune, warm (and record: the replay's first calls)
                                 fn(x)
                             return fn
 
-                        _add_case(rows, cases, row, build, x)
+                        _add_case(rows, cases, row, build, x, v.replay)
         _time_cases(cases, args.reps, device, args.rounds)
     return rows
 

@@ -45,6 +45,7 @@ class Variant:
     graphs: bool = False  # CUDA-graph replay of the block loop (qpipeline.graphs)
     attention: str | None = None  # qkernels.attention mode for the model's joint attention (set before fusing)
     tma_min_m: int | None = -1  # fp8-triton: FP8Triton.TMA_MIN_M while this variant runs (-1: the default)
+    replay: bool = True  # Triton backends: replay each layer's recorded launches (False: every call's Python)
     # In-place quantization of the selected Linears of a module tree (None for bf16).
     quantize: Callable[[nn.Module, Select], None] | None = field(default=None, repr=False)
     # Whole-model application that replaces ``quantize`` for transformers (diffusers' own
@@ -231,10 +232,14 @@ def _layerwise_variant() -> Variant:
 
 
 def all_variants(device: torch.device | str, *, peers: bool = True, compile_peers: bool = False,
-                 compile_ours: bool = False, only: list[str] | None = None) -> list[Variant]:
+                 compile_ours: bool = False, only: list[str] | None = None,
+                 model_level: bool = False) -> list[Variant]:
     """bf16, then every registered qkernels backend (unavailable ones with their reason), then
     the peers. ``compile_*`` adds a ``+compile`` twin of each available variant of that group
-    (bf16 gets one whenever either flag is set, so compiled peers have a compiled baseline)."""
+    (bf16 gets one whenever either flag is set, so compiled peers have a compiled baseline).
+    ``model_level``: also the variants that change a whole model rather than its Linears (the
+    fused block path, CUDA graphs, quantized attention): the e2e benchmark's; a layer benchmark
+    would time them as their plain backend again."""
     device = torch.device(device)
     out = [Variant("bf16", "bf16", "none")]
     for row in list_backends(device):
@@ -251,15 +256,20 @@ def all_variants(device: torch.device | str, *, peers: bool = True, compile_peer
     # The fused block path (qpipeline.blocks) over the Triton backends, and fp8 with its pointer
     # GEMM only (the default takes the TMA GEMM from FP8Triton.TMA_MIN_M tokens on).
     for v in list(out):
+        if v.name == "fp8-triton":
+            out.append(dataclasses.replace(v, name="fp8-triton+noreplay", replay=False))
+        if not model_level:
+            continue
         if v.name in ("int8-triton", "fp8-triton"):
             out.append(dataclasses.replace(v, name=v.name + "+fused", fuse=True))
         if v.name == "fp8-triton":
+            out.append(dataclasses.replace(v, name="fp8-triton+fused+noreplay", fuse=True, replay=False))
             out.append(dataclasses.replace(v, name="fp8-triton+fused+notma", fuse=True, tma_min_m=None))
             out.append(dataclasses.replace(v, name="fp8-triton+fused+graphs", fuse=True, graphs=True))
             out.append(dataclasses.replace(v, name="fp8-triton+fused+int8attn", fuse=True, attention="int8-fp8"))
             out.append(dataclasses.replace(v, name="fp8-triton+fused+int8attn+graphs", fuse=True, graphs=True,
                                            attention="int8-fp8"))
-    if device.type == "cuda":
+    if device.type == "cuda" and model_level:
         out.insert(1, dataclasses.replace(out[0], name="bf16+graphs", graphs=True))
     if peers:
         out += _torchao_variants(device)

@@ -439,6 +439,50 @@ def test_gpu_fast_launch_path_is_exact_across_specializations():
                 assert torch.equal(y, ops.int8_mm_dequant.reference(q, s, w8, w8_s, b, torch.bfloat16)), (m, offset)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,kw", [
+    ("int8-triton", {}), ("int8-triton", dict(activation="static", input_scale=0.02)),
+    ("fp8-triton", {}), ("fp8-triton", dict(activation="static", input_scale=0.02)),
+    ("fp8-triton", dict(smooth=True)),
+])
+def test_gpu_replayed_forward_equals_the_direct_one(monkeypatch, backend, kw):
+    """From its third call at an (M, dtype) a Triton layer replays its recorded launches
+    (qkernels.triton._launch.Replay): the results equal the un-replayed forward's bit for bit,
+    for M = 1 / 17 / 300 / 4096, an input 2 bytes off alignment (another specialization: not
+    replayed from the aligned plan), earlier results not overwritten by later calls (fresh
+    outputs), and after a move (the plans are dropped and rebuilt)."""
+    from qkernels.backends.triton_backends import _TritonW8A8
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3072, 1024, device=dev).to(torch.bfloat16)
+    kw = dict(kw)
+    smooth = kw.pop("smooth", False)
+    if smooth:
+        kw["input_smooth"] = torch.rand(3072, device=dev) + 0.5
+    layer = QuantLinear.from_linear(lin, backend, **kw)
+
+    def inputs(m, offset):
+        flat = torch.randn(m * 3072 + offset, dtype=torch.bfloat16, device=dev)
+        return flat[offset:].view(m, 3072)
+
+    cases = [(m, off) for m in (1, 17, 300, 4096) for off in (0, 1)]
+    xs = {c: [inputs(*c) for _ in range(4)] for c in cases}
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", False)
+    direct = {c: [layer(x) for x in xs[c]] for c in cases}
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", True)
+    for moved in (False, True):
+        if moved:
+            layer.cpu().cuda()
+            assert layer._plans == {}
+        got = {c: [layer(x) for x in xs[c]] for c in cases}  # all kept: none may alias a later one
+        for c in cases:
+            for i, (a, b) in enumerate(zip(got[c], direct[c])):
+                assert torch.equal(a, b), (backend, kw, c, i, moved)
+        replayed = [key for key, plan in layer._plans.items() if type(plan) is not int]
+        assert {m for m, _ in replayed} >= {1, 17, 300}, layer._plans  # the replay did run
+
+
 def test_fp8_triton_layer_takes_the_tma_gemm_when_enabled(monkeypatch):
     """FP8Triton.TMA_MIN_M routes the layer's GEMM to fp8_gemm_tma (and nothing else changes):
     same result as the default path up to summation order, and the op is the one called."""

@@ -145,6 +145,15 @@ class _TritonW8A8(Backend):
     def unavailable_reason(self, device):
         return super().unavailable_reason(device) or triton_reason(device)
 
+    def forward(self, layer, x):
+        if self.REPLAY and _replays(x):
+            return _replay_forward(self._forward, layer, x)
+        return self._forward(layer, x)
+
+    def _forward(self, layer, x):
+        """The forward through the ops and launchers (each subclass's)."""
+        raise NotImplementedError
+
     def prepare(self, layer) -> None:
         # The stored row-major [N, K] weight is the layout the kernels read (K-major B tiles), so
         # there is nothing to re-lay; importing here surfaces a broken install when the layer is
@@ -166,11 +175,6 @@ class Int8Triton(_TritonW8A8):
     # stall the wgmma pipeline. It wins only at tiny M (M=16: 103 vs 193 us), so it is kept as
     # an op (gemms.int8_static_gemm) and used below this many tokens.
     FUSED_STATIC_MAX_M = 64
-
-    def forward(self, layer, x):
-        if self.REPLAY and _replays(x):
-            return _replay_forward(self._forward, layer, x)
-        return self._forward(layer, x)
 
     def _forward(self, layer, x):
         k = _kernels(x)
@@ -206,11 +210,6 @@ class FP8Triton(_TritonW8A8):
     # 0.70x at M <= 256; 6 fused blocks at 8,400 tokens (image M = 8,192) 28.4 ms with it from
     # M >= 1024 against 29.1 ms without, at 2,256 tokens (image M = 2,048) 16.0 against 13.0 ms.
     TMA_MIN_M: int | None = 4096
-
-    def forward(self, layer, x):
-        if self.REPLAY and _replays(x):
-            return _replay_forward(self._forward, layer, x)
-        return self._forward(layer, x)
 
     def _forward(self, layer, x):
         k = _kernels(x)

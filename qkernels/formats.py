@@ -12,7 +12,11 @@ Arithmetic shared by every kernel, so that each one can be checked bit for bit a
 * scale = amax / qmax per row (weights: per output channel; activations: per token),
   computed in fp32; an all-zero row gets scale 1.0 (finite, and its values quantize to exact 0);
   a row holding NaN/Inf gets a non-finite scale, so its outputs are non-finite too.
-* q = x / scale (an IEEE division, not a multiply by a reciprocal), then for int8
+* weights and static activations: q = x / scale (an IEEE division); dynamic per-token
+  activations: q = x * (1 / scale), one IEEE division a row and an exact multiply per element
+  (the quant pass runs on every call, and on a GPU a division costs ~8 instructions an element
+  where the pass should be memory-bound), with the scale at least 2^-126
+  (``MIN_ACTIVATION_SCALE``) so that its reciprocal is finite. Then for int8
   round-half-to-even and clamp to [-127, 127]; for e4m3 clamp to [-448, 448] and the cast's
   own round-to-nearest-even.
 * SmoothQuant: the weight was multiplied by ``input_smooth`` [K] before quantizing; the
@@ -36,6 +40,7 @@ __all__ = [
     "quantize_per_token",
     "quantize_per_tensor",
     "static_scale_from_amax",
+    "MIN_ACTIVATION_SCALE",
 ]
 
 
@@ -82,6 +87,17 @@ def _row_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     # by the rounded reciprocal (CPU divides), so scales would depend on the device (seen on H100:
     # per-token scales 1 ulp off the CPU ones, and off the kernels' IEEE division).
     return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, qmax))
+
+
+# The smallest normal fp32: a per-token activation scale is never below it, so its reciprocal is
+# finite (a row whose amax is under 448 * 2^-126 would otherwise get an infinite one, and 0 * inf
+# is NaN).
+MIN_ACTIVATION_SCALE = 2.0 ** -126
+
+
+def _token_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    s = torch.maximum(amax / torch.full_like(amax, qmax), torch.full_like(amax, MIN_ACTIVATION_SCALE))
+    return torch.where(amax == 0, torch.ones_like(amax), s)  # maximum propagates a NaN amax
 
 
 def _cast(q: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -150,8 +166,9 @@ def quantize_per_token(
     """
     fmt = get_format(fmt)
     xf = _smoothed(x, smooth)
-    scale = _row_scale(_abs_max(xf, -1), fmt.qmax)
-    return _cast(xf / scale[..., None], fmt), scale
+    scale = _token_scale(_abs_max(xf, -1), fmt.qmax)
+    inv = torch.ones_like(scale) / scale  # an IEEE division (tensor / tensor, on CPU and CUDA)
+    return _cast(xf * inv[..., None], fmt), scale  # a fresh tensor: x.float() may be x itself
 
 
 def quantize_per_tensor(

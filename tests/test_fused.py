@@ -129,9 +129,12 @@ def _lmq_case(m=37, k=192, g=2, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_layernorm_modulate_quant_equals_reference(fmt, dtype):
+# the row as 3 exact chunks (192 = 3 x 64), 3 with padding lanes, 2 exact, 4 with padding
+@pytest.mark.parametrize("k", [192, 320, 8192, 16000])
+def test_layernorm_modulate_quant_equals_reference(fmt, dtype, k):
     fp8 = fmt == "w8a8-fp8"
-    x, shift, scale, rows = _lmq_case(dtype=dtype)
+    x, shift, scale, rows = _lmq_case(m=37 if k < 1000 else 6, k=k, dtype=dtype)
+    x[1, k - 1] = -50.0  # a row whose largest value is in its last chunk's last column
     q, s = kt.layernorm_modulate_quant(x, shift, scale, rows, 1e-6, fp8)
     qr, sr = fo._lmq_ref(x, shift, scale, rows, 1e-6, fp8)
     # bf16: the roundings to bf16 hide the LayerNorm's reduction order (bit-exact on CPU); fp32

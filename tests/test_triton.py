@@ -101,6 +101,83 @@ def test_quantize_non_finite_rows(fp8):
     assert torch.isnan(rs[1]) and torch.isnan(rs[4]) and (rs[keep] == 0.05).all()
 
 
+def test_row_chunks_cover_a_row_with_the_fewest_padding_lanes():
+    from qkernels.triton.quant import row_chunks
+
+    assert row_chunks(3072) == (3, 1024)  # Qwen-Image's width: no padding (a 4096 tile pads 1024)
+    assert row_chunks(12288) == (3, 4096)  # its MLP
+    assert row_chunks(8192) == (2, 4096) and row_chunks(16000) == (4, 4096)
+    assert row_chunks(203) == (1, 256) and row_chunks(320) == (3, 128)
+    assert row_chunks(16500) == (0, 4096)  # past four 4096-wide chunks: two passes over K
+    assert row_chunks(3072, chunked=False) == (1, 4096)
+
+
+def _chunk_edge_activation(k: int) -> torch.Tensor:
+    """Rows whose abs-max sits where a chunked kernel could miss it: row j at the first column of
+    chunk j (one row per chunk), then the last column; an all-zero row; a row so small that
+    amax / 448 is under 2^-126 (the scale floor keeps its reciprocal finite)."""
+    from qkernels.triton.quant import row_chunks
+
+    n, c = row_chunks(k)
+    edges = [j * c for j in range(n)] or [k // 2]
+    x = torch.randn(len(edges) + 3, k)
+    for j, col in enumerate(edges + [k - 1]):
+        x[j, col] = 40.0 if j % 2 else -40.0
+    x[-2] = 0
+    x[-1] = torch.randn(k) * 1e-37
+    return x
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+@pytest.mark.parametrize("k", [192, 320, 7000, 8192, 16000, 16500])
+def test_quantize_per_token_chunked_rows_bit_exact(k, fp8):
+    """Every row layout of the per-token kernel (one, two, three or four chunks, exact or with
+    padding lanes, two passes past four) against the reference, with the amax placed at the
+    chunk edges: a kernel that dropped a chunk from the amax gets row 0, 1 or 2's scale wrong."""
+    x = _chunk_edge_activation(k).to(DEV)
+    q, s = kt.quantize_per_token(x, None, fp8)
+    q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8])
+    assert same_bits(s, s_ref) and same_bits(q, q_ref)
+    assert s[-2].item() == 1.0 and s[-1].item() == formats.MIN_ACTIVATION_SCALE and q[-1].float().abs().max() > 0
+    want = (torch.tensor(40.0) / torch.tensor(formats.get_format(FMT[fp8]).qmax)).item()  # fp32
+    assert (s[:-2] == want).all()
+
+
+def test_quantize_per_token_single_tile_layout_bit_exact(monkeypatch):
+    """The power-of-two tile layout the benchmark measures against stays exact too."""
+    from qkernels.triton import quant
+
+    monkeypatch.setitem(quant.TUNING, "quant_chunked", False)
+    x = _chunk_edge_activation(320).to(DEV)
+    for fp8 in (False, True):
+        q, s = kt.quantize_per_token(x, None, fp8)
+        q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8])
+        assert same_bits(s, s_ref) and same_bits(q, q_ref)
+
+
+def test_quantize_per_token_multiplies_by_the_reciprocal():
+    """The format's per-token arithmetic is x * (1 / scale), not x / scale: on values at an int8
+    rounding boundary the two differ, and the kernel follows the reference, not the division."""
+    scale = torch.tensor(3.0) / torch.tensor(127.0)  # amax 3, in fp32: 1 / scale is inexact
+    inv = torch.ones(()) / scale
+    # values a few ulps either side of the rounding boundaries (j + 0.5) * scale
+    up = down = (torch.arange(127.0) + 0.5) * scale
+    steps = [up]
+    for _ in range(4):
+        up, down = torch.nextafter(up, torch.tensor(1e9)), torch.nextafter(down, torch.tensor(-1e9))
+        steps += [up, down]
+    cand = torch.cat(steps)
+    differs = ((cand / scale).round() != (cand * inv).round()) & (cand < 3)
+    assert differs.any(), "no value tells division from reciprocal multiply"
+    x = torch.cat([torch.tensor([3.0]), cand[differs][:8]])[None].to(DEV)
+    q, s = kt.quantize_per_token(x, None, False)
+    assert s.item() == scale.item()
+    q_ref, _ = formats.quantize_per_token(x, "w8a8-int8")
+    assert same_bits(q, q_ref)
+    divided = (x.cpu() / scale).round().to(torch.int8)
+    assert not torch.equal(q.cpu(), divided)
+
+
 def test_quantize_rejects_bad_inputs():
     x = torch.randn(4, 32, device=DEV)
     with pytest.raises(InputError, match="input_smooth"):

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .quant import _store_quantized
+from .quant import _store_quantized, row_amax, row_chunks, token_scale
 from ._common import (
     INTERPRET, INTERPRET_C, check_2d, check_device, make_launcher, next_power_of_2, round_fp32_to_bf16_grid,
     round_to_dtype,
@@ -47,11 +47,13 @@ def _round(v, ROUND: tl.constexpr):
 _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Launch choices benchmarks.fused_kernels measures on a GPU: warps per row of the LayerNorm kernel
-# (None: BLOCK_K / 256, 4..16), warps per token of the RoPE kernel, and whether it reads contiguous
-# [heads, D] tiles and splits the pairs in registers (True) or reads even / odd elements apart.
-# Set from the H200 (benchmarks/results/h200/run5, M = 8,400): split pair loads 83 us against
-# 825 us strided (3.7 against 0.36 TB/s); the LayerNorm kernel 67.8 us at 4 warps, 88.7 at 16.
-TUNING = {"lmq_warps": 4, "qk_warps": 4, "qk_split": True}
+# (None: a warp per 1024 elements, 4..16) and whether it holds the row as exact chunks
+# (``quant.row_chunks``; False: one power-of-two tile, as before chunking), warps per token of the
+# RoPE kernel, and whether it reads contiguous [heads, D] tiles and splits the pairs in registers
+# (True) or reads even / odd elements apart. Set from the H200 (benchmarks/results/h200/run5,
+# M = 8,400): split pair loads 83 us against 825 us strided (3.7 against 0.36 TB/s); the
+# LayerNorm kernel (one 4096-wide tile) 67.8 us at 4 warps, 88.7 at 16.
+TUNING = {"lmq_warps": 4, "lmq_chunked": True, "qk_warps": 4, "qk_split": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,31 +61,95 @@ TUNING = {"lmq_warps": 4, "qk_warps": 4, "qk_split": True}
 
 
 @triton.jit
+def _lmq_piece(row_ptr, cols, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(row_ptr + cols).to(tl.float32)
+    else:
+        return tl.load(row_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _lmq_deviation(x, mean, cols, K, EVEN_K: tl.constexpr):
+    d = x - mean
+    if not EVEN_K:
+        d = tl.where(cols < K, d, 0.0)
+    return d
+
+
+@triton.jit
+def _lmq_modulate(d, rstd, scale_row, shift_row, cols, K, EVEN_K: tl.constexpr, ROUND: tl.constexpr):
+    y = _round(d * rstd, ROUND)
+    sc = _lmq_piece(scale_row, cols, K, EVEN_K)
+    sh = _lmq_piece(shift_row, cols, K, EVEN_K)
+    # Qwen-Image's _modulate: x * (1 + scale) + shift, each op rounded in the activation dtype.
+    return _round(_round(y * _round(1.0 + sc, ROUND), ROUND) + sh, ROUND)
+
+
+@triton.jit
 def _layernorm_modulate_quant_kernel(
     x_ptr, shift_ptr, scale_ptr, grow_ptr, q_ptr, s_ptr,
     M, K, stride_xm, stride_mod, stride_qm, eps,
     QMAX: tl.constexpr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr, ROUND: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr, NCHUNK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """One row per program, held in registers as NCHUNK pieces of CHUNK (``quant.row_chunks``:
+    K = 3072 is 3 x 1024, no padding lanes), written out piece by piece: a loop cannot keep them."""
     row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_K)
-    cmask = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=cmask, other=0.0).to(tl.float32)
+    c0 = tl.arange(0, CHUNK)
+    c1 = CHUNK + c0
+    c2 = 2 * CHUNK + c0
+    c3 = 3 * CHUNK + c0
+    xr = x_ptr + row * stride_xm
     # torch's LayerNorm: fp32 mean and biased variance, (x - mean) * rsqrt(var + eps), one rounding.
-    mean = tl.sum(x, axis=0) / K
-    d = tl.where(cmask, x - mean, 0.0)
-    var = tl.sum(d * d, axis=0) / K
-    y = _round(d * (1.0 / tl.sqrt(var + eps)), ROUND)
+    x0 = _lmq_piece(xr, c0, K, EVEN_K)
+    total = tl.sum(x0, axis=0)
+    if NCHUNK > 1:
+        x1 = _lmq_piece(xr, c1, K, EVEN_K)
+        total += tl.sum(x1, axis=0)
+    if NCHUNK > 2:
+        x2 = _lmq_piece(xr, c2, K, EVEN_K)
+        total += tl.sum(x2, axis=0)
+    if NCHUNK > 3:
+        x3 = _lmq_piece(xr, c3, K, EVEN_K)
+        total += tl.sum(x3, axis=0)
+    mean = total / K
+    d0 = _lmq_deviation(x0, mean, c0, K, EVEN_K)
+    sq = tl.sum(d0 * d0, axis=0)
+    if NCHUNK > 1:
+        d1 = _lmq_deviation(x1, mean, c1, K, EVEN_K)
+        sq += tl.sum(d1 * d1, axis=0)
+    if NCHUNK > 2:
+        d2 = _lmq_deviation(x2, mean, c2, K, EVEN_K)
+        sq += tl.sum(d2 * d2, axis=0)
+    if NCHUNK > 3:
+        d3 = _lmq_deviation(x3, mean, c3, K, EVEN_K)
+        sq += tl.sum(d3 * d3, axis=0)
+    rstd = 1.0 / tl.sqrt(sq / K + eps)
     g = tl.load(grow_ptr + row).to(tl.int64)
-    sc = tl.load(scale_ptr + g * stride_mod + cols, mask=cmask, other=0.0).to(tl.float32)
-    sh = tl.load(shift_ptr + g * stride_mod + cols, mask=cmask, other=0.0).to(tl.float32)
-    # Qwen-Image's _modulate: x * (1 + scale) + shift, each op rounded in the activation dtype.
-    y = _round(_round(y * _round(1.0 + sc, ROUND), ROUND) + sh, ROUND)
-    # Per-token quantization, the arithmetic of quant.py (IEEE divisions; NaN amax propagates).
-    amax = tl.max(tl.abs(y), axis=0) + tl.sum(tl.where(y != y, y, 0.0), axis=0)
-    scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, QMAX))
-    q = tl.math.div_rn(y, scale)
-    _store_quantized(q_ptr + row * stride_qm + cols, cmask, q, FP8, SOFT_FP8, QMAX)
+    scr = scale_ptr + g * stride_mod
+    shr = shift_ptr + g * stride_mod
+    # Per-token quantization, the arithmetic of quant.py (NaN amax propagates; x * (1 / scale)).
+    y0 = _lmq_modulate(d0, rstd, scr, shr, c0, K, EVEN_K, ROUND)
+    amax = row_amax(y0, 0)
+    if NCHUNK > 1:
+        y1 = _lmq_modulate(d1, rstd, scr, shr, c1, K, EVEN_K, ROUND)
+        amax = tl.maximum(amax, row_amax(y1, 0), propagate_nan=tl.PropagateNan.ALL)
+    if NCHUNK > 2:
+        y2 = _lmq_modulate(d2, rstd, scr, shr, c2, K, EVEN_K, ROUND)
+        amax = tl.maximum(amax, row_amax(y2, 0), propagate_nan=tl.PropagateNan.ALL)
+    if NCHUNK > 3:
+        y3 = _lmq_modulate(d3, rstd, scr, shr, c3, K, EVEN_K, ROUND)
+        amax = tl.maximum(amax, row_amax(y3, 0), propagate_nan=tl.PropagateNan.ALL)
+    scale = token_scale(amax, QMAX)
+    inv = tl.math.div_rn(1.0, scale)
+    qr = q_ptr + row * stride_qm
+    _store_quantized(qr + c0, c0 < K, y0 * inv, FP8, SOFT_FP8, QMAX)
+    if NCHUNK > 1:
+        _store_quantized(qr + c1, c1 < K, y1 * inv, FP8, SOFT_FP8, QMAX)
+    if NCHUNK > 2:
+        _store_quantized(qr + c2, c2 < K, y2 * inv, FP8, SOFT_FP8, QMAX)
+    if NCHUNK > 3:
+        _store_quantized(qr + c3, c3 < K, y3 * inv, FP8, SOFT_FP8, QMAX)
     tl.store(s_ptr + row, scale)
 
 
@@ -118,15 +184,16 @@ def layernorm_modulate_quant(
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    block_k = next_power_of_2(k)
-    if block_k > 16384:
+    nchunk, chunk = row_chunks(k, TUNING["lmq_chunked"])
+    if nchunk == 0:
         raise InputError(f"layernorm_modulate_quant holds a row in registers: K <= 16384, got {k}")
     q_arg = q.view(torch.uint8) if (fp8 and INTERPRET) else q
     _launch_lmq(
         (m,), (),
         (x, shift, scale, gate_rows, q_arg, s, m, k, x.stride(0), shift.stride(0), q.stride(0), float(eps)),
         QMAX=448.0 if fp8 else 127.0, FP8=fp8, SOFT_FP8=fp8 and INTERPRET, ROUND=_ROUND_CODE[x.dtype],
-        BLOCK_K=block_k, num_warps=1 if INTERPRET else (TUNING["lmq_warps"] or min(16, max(4, block_k // 256))),
+        CHUNK=chunk, NCHUNK=nchunk, EVEN_K=nchunk * chunk == k,
+        num_warps=1 if INTERPRET else (TUNING["lmq_warps"] or min(16, max(4, nchunk * chunk // 1024))),
         enable_fp_fusion=False,
     )
     return q, s

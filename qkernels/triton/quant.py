@@ -1,16 +1,25 @@
 """Activation quantization: dynamic per-token and static per-tensor, int8 or e4m3, in one pass.
 
 Arithmetic identical to ``qkernels.formats.quantize_per_token`` / ``quantize_per_tensor`` (the
-tests compare bit for bit): fp32; ``x / smooth`` and ``x / scale`` as IEEE divisions
-(``div_rn``: Triton's ``/`` on fp32 is the approximate ``div.full.f32``); scale = amax / qmax with
-amax == 0 -> 1.0 and a NaN amax propagating; int8 rounds half to even and clamps to +-127;
-e4m3 clamps to +-448 and rounds to nearest even in the cast.
+tests compare bit for bit): fp32; ``x / smooth``, ``amax / qmax`` and the static ``x / scale`` as
+IEEE divisions (``div_rn``: Triton's ``/`` on fp32 is the approximate ``div.full.f32``); the
+per-token ``x * (1 / scale)``, one IEEE division a row and an exact multiply per element; scale =
+amax / qmax (at least 2^-126) with amax == 0 -> 1.0 and a NaN amax propagating; int8 rounds half
+to even and clamps to +-127; e4m3 clamps to +-448 and rounds to nearest even in the cast.
 
-Bound: memory. Per element: read 2 bytes (bf16), write 1 byte, plus 4 bytes of scale per row.
-At M=8192, K=3072: 75.5 MB moved, 25 us at 3.0 TB/s (H100 measured copy rate); the
-~10 fp32 instructions of each IEEE division are ~0.25 GFLOP, far under the CUDA cores' rate.
-A row of up to 16384 elements is held in registers, so X is read once (K <= 16384; longer rows
-take two passes, the second mostly from L2).
+Bound: memory, once the instructions are few. Per element: read 2 bytes (bf16), write 1 byte,
+plus 4 bytes of scale per row: at M = 8,400, K = 3072, 77 MB, 22 us at the H200's 3.45 TB/s copy
+rate. A row kernel this cheap is issue-bound as soon as it spends ~20 instructions an element
+(the H200 issues ~33 T lane-instructions/s: 25.8 M elements x 20 = 15 us), which is why
+
+* a row is held as up to four CHUNK-wide pieces (``NCHUNK``), not one power-of-two tile: K = 3072
+  is 3 x 1024 with no masked lanes, where a 4096-wide tile issues a third more instructions for
+  the 1024 padding lanes;
+* the amax is one NaN-propagating max reduction (``max.NaN``), not a max plus a NaN-detecting sum;
+* the per-element division is a multiply by the row's reciprocal (an IEEE division costs ~8
+  instructions and a slow-path check on CUDA).
+
+Rows longer than four 4096-wide chunks take two passes over K, the second mostly from L2.
 """
 
 from __future__ import annotations
@@ -21,13 +30,35 @@ import triton.language as tl
 
 from .. import formats
 from ._common import (
-    INTERPRET, cdiv, check_2d, check_device, check_vector, make_launcher, next_power_of_2, rint_clamp_int8,
-    soft_e4m3_bits,
+    INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, check_vector, make_launcher, next_power_of_2,
+    rint_clamp_int8, soft_e4m3_bits,
 )
 
-__all__ = ["quantize_per_token", "quantize_per_tensor"]
+__all__ = ["quantize_per_token", "quantize_per_tensor", "row_chunks"]
 
-_SINGLE_PASS_MAX_K = 16384
+_MAX_CHUNKS = 4
+_MAX_CHUNK = 4096
+
+# Launch choices benchmarks.fused_kernels measures on a GPU (None: the rule in _launch_shape):
+# rows per program and warps per program of the per-token kernel, and whether rows are held as
+# exact chunks (True) or as one power-of-two tile (False: the layout before chunking, kept to be
+# measured against).
+TUNING = {"quant_rows": None, "quant_warps": None, "quant_chunked": True}
+
+
+def row_chunks(k: int, chunked: bool = True) -> tuple[int, int]:
+    """``(NCHUNK, CHUNK)``: a row of ``k`` as NCHUNK <= 4 power-of-two pieces of CHUNK <= 4096
+    elements covering it with the fewest padding lanes (then the fewest pieces); ``(0, 4096)``
+    for rows too long for that (two passes). ``chunked=False``: one power-of-two tile."""
+    if not chunked:
+        block = next_power_of_2(k)
+        return (1, block) if block <= _MAX_CHUNK * _MAX_CHUNKS else (0, _MAX_CHUNK)
+    best = None
+    for n in range(1, _MAX_CHUNKS + 1):
+        c = next_power_of_2(cdiv(k, n))
+        if c <= _MAX_CHUNK and (best is None or n * c < best[0] * best[1]):
+            best = (n, c)
+    return best if best is not None else (0, _MAX_CHUNK)
 
 
 @triton.jit
@@ -43,8 +74,12 @@ def _store_quantized(q_ptrs, mask, q, FP8: tl.constexpr, SOFT_FP8: tl.constexpr,
 
 
 @triton.jit
-def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
+def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
+                   EVEN_K: tl.constexpr):
+    if EVEN_K:  # cols < K by construction: a row mask only
+        mask = (rows[:, None] < M) & (cols[None, :] >= 0)
+    else:
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
@@ -53,37 +88,69 @@ def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: t
 
 
 @triton.jit
-def _row_amax(x):
-    """Row abs-max that is NaN for a row holding NaN (as torch's amax): tl.max may drop NaN on
-    CUDA (max.f32), so the NaNs are added back through a sum that is 0 without them. (A NaN-aware
-    combine function in tl.reduce does the same, but the interpreter runs it per element.)"""
-    return tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)
+def _nanmax(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def row_amax(x, AXIS: tl.constexpr):
+    """Abs-max along ``AXIS`` that is NaN where a row holds NaN (as torch's amax). On CUDA one
+    reduction whose combine is ``max.NaN``; the interpreter would run that combine per element,
+    so there tl.max (which may drop NaN) plus a sum that is 0 without NaNs adds them back."""
+    if INTERPRET_C:
+        return tl.max(tl.abs(x), axis=AXIS) + tl.sum(tl.where(x != x, x, 0.0), axis=AXIS)
+    else:
+        return tl.reduce(tl.abs(x), AXIS, _nanmax)
+
+
+@triton.jit
+def token_scale(amax, QMAX: tl.constexpr):
+    """``formats.quantize_per_token``'s scale: amax / qmax, at least 2^-126
+    (``formats.MIN_ACTIVATION_SCALE``: its reciprocal is finite), 1.0 for an all-zero row, NaN for a NaN amax."""
+    s = tl.maximum(tl.math.div_rn(amax, QMAX), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(amax == 0, 1.0, s)
 
 
 @triton.jit
 def _quantize_per_token_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
     QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_K)
-    if SINGLE_PASS:
-        x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
-        amax = _row_amax(x)
-        scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, QMAX))
-        q = tl.math.div_rn(x, scale[:, None])
-        _store_quantized(q_ptr + rows[:, None] * stride_qm + cols[None, :], mask, q, FP8, SOFT_FP8, QMAX)
-    else:
+    cols = tl.arange(0, CHUNK)
+    q_ptrs = q_ptr + rows[:, None] * stride_qm + cols[None, :]
+    if NCHUNK == 0:  # long rows: the amax over K, then K again (mostly from L2)
         amax = tl.zeros((ROWS,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH)
-            amax = tl.maximum(amax, _row_amax(x), propagate_nan=tl.PropagateNan.ALL)
-        scale = tl.where(amax == 0, 1.0, tl.math.div_rn(amax, QMAX))
-        for k0 in range(0, K, BLOCK_K):
-            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH)
-            q = tl.math.div_rn(x, scale[:, None])
-            _store_quantized(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], mask, q, FP8, SOFT_FP8, QMAX)
+        for k0 in range(0, K, CHUNK):
+            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH, False)
+            amax = _nanmax(amax, row_amax(x, 1))
+        scale = token_scale(amax, QMAX)
+        inv = tl.math.div_rn(1.0, scale)[:, None]
+        for k0 in range(0, K, CHUNK):
+            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH, False)
+            _store_quantized(q_ptrs + k0, mask, x * inv, FP8, SOFT_FP8, QMAX)
+    else:  # the row in registers, as NCHUNK pieces (written out: a loop cannot keep them)
+        x0, m0 = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
+        amax = row_amax(x0, 1)
+        if NCHUNK > 1:
+            x1, m1 = _load_smoothed(x_ptr, smooth_ptr, rows, CHUNK + cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
+            amax = _nanmax(amax, row_amax(x1, 1))
+        if NCHUNK > 2:
+            x2, m2 = _load_smoothed(x_ptr, smooth_ptr, rows, 2 * CHUNK + cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
+            amax = _nanmax(amax, row_amax(x2, 1))
+        if NCHUNK > 3:
+            x3, m3 = _load_smoothed(x_ptr, smooth_ptr, rows, 3 * CHUNK + cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
+            amax = _nanmax(amax, row_amax(x3, 1))
+        scale = token_scale(amax, QMAX)
+        inv = tl.math.div_rn(1.0, scale)[:, None]
+        _store_quantized(q_ptrs, m0, x0 * inv, FP8, SOFT_FP8, QMAX)
+        if NCHUNK > 1:
+            _store_quantized(q_ptrs + CHUNK, m1, x1 * inv, FP8, SOFT_FP8, QMAX)
+        if NCHUNK > 2:
+            _store_quantized(q_ptrs + 2 * CHUNK, m2, x2 * inv, FP8, SOFT_FP8, QMAX)
+        if NCHUNK > 3:
+            _store_quantized(q_ptrs + 3 * CHUNK, m3, x3 * inv, FP8, SOFT_FP8, QMAX)
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
@@ -99,7 +166,7 @@ def _quantize_per_tensor_kernel(
     # sum(x * 0) is 0 for a finite row and NaN for one holding NaN/Inf: the row-scale poison.
     poison = tl.zeros((ROWS,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH)
+        x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH, False)
         poison += tl.sum(x * 0.0, axis=1)
         q = tl.math.div_rn(x, s)
         _store_quantized(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], mask, q, FP8, SOFT_FP8, QMAX)
@@ -111,15 +178,21 @@ _launch_per_tensor = make_launcher(_quantize_per_tensor_kernel)
 _QMAX = {False: formats.get_format("w8a8-int8").qmax, True: formats.get_format("w8a8-fp8").qmax}
 
 
-def _launch_shape(m: int, k: int, max_block_k: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_K, num_warps): ~16-32 fp32 values per thread on CUDA; under the interpreter
-    many rows per program, since each program costs Python overhead, not registers."""
-    block_k = min(next_power_of_2(k), max_block_k)
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _launch_shape(m: int, k: int) -> tuple[int, int, int, int]:
+    """(ROWS, NCHUNK, CHUNK, num_warps) of the per-token kernel: ~4096 elements a program, ~24-32
+    fp32 values a thread on CUDA; under the interpreter many rows per program, since each program
+    costs Python overhead, not registers. ``TUNING`` overrides the rows and warps."""
+    nchunk, chunk = row_chunks(k, TUNING["quant_chunked"])
+    width = max(nchunk, 1) * chunk
     if INTERPRET:
-        return min(next_power_of_2(m), 32), block_k, 4
-    rows = max(1, min(next_power_of_2(m), 4096 // block_k))
-    warps = min(16, max(4, rows * block_k // 512))
-    return rows, block_k, warps
+        return min(next_power_of_2(m), 32), nchunk, chunk, 4
+    rows = TUNING["quant_rows"] or max(1, min(next_power_of_2(m), _prev_power_of_2(4096 // width)))
+    warps = TUNING["quant_warps"] or min(16, max(4, _prev_power_of_2(rows * width // 768)))
+    return rows, nchunk, chunk, warps
 
 
 def _outputs(x: torch.Tensor, fp8: bool):
@@ -149,13 +222,12 @@ def quantize_per_token(
     q, q_arg, scale = _outputs(x, fp8)
     if m == 0:
         return q, scale
-    single = next_power_of_2(k) <= _SINGLE_PASS_MAX_K
-    rows, block_k, warps = _launch_shape(m, k, _SINGLE_PASS_MAX_K if single else 4096)
+    rows, nchunk, chunk, warps = _launch_shape(m, k)
     _launch_per_token(
         (cdiv(m, rows),), (),
         (x, smooth if smooth is not None else scale, q_arg, scale, m, k, x.stride(0), q.stride(0)),
         QMAX=_QMAX[fp8], HAS_SMOOTH=smooth is not None, FP8=fp8, SOFT_FP8=fp8 and INTERPRET,
-        ROWS=rows, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=warps,
+        ROWS=rows, CHUNK=chunk, NCHUNK=nchunk, EVEN_K=nchunk * chunk == k, num_warps=warps,
     )
     return q, scale
 
@@ -174,7 +246,9 @@ def quantize_per_tensor(
     q, q_arg, row_scale = _outputs(x, fp8)
     if m == 0:
         return q, row_scale
-    rows, block_k, warps = _launch_shape(m, k, 4096)
+    block_k = min(next_power_of_2(k), _MAX_CHUNK)
+    rows = min(next_power_of_2(m), 32) if INTERPRET else max(1, min(next_power_of_2(m), 4096 // block_k))
+    warps = 4 if INTERPRET else min(16, max(4, rows * block_k // 512))
     _launch_per_tensor(
         (cdiv(m, rows),), (),
         (x, scale, smooth if smooth is not None else row_scale, q_arg, row_scale, m, k, x.stride(0), q.stride(0)),

@@ -20,7 +20,7 @@ one built pipeline serves them all):
     engine-bf16-batched-cfg  + cond/uncond in one batch-2 forward (cfg > 1 only)
     engine-bf16-cache        + embedding cache (a fill call first; the timed calls hit)
     engine-fp8               transformer quantized in place (--quant-backend, w8a8-fp8), text
-                             encoder int8 weight-only (--text-encoder-backend)
+                             encoder int8 weight-only (--text-encoder-backend: or W8A8)
     engine-fp8-batched-cfg, engine-fp8-cache
     checkpoint-load          save_quantized of the fp8 transformer, files read once (page cache),
                              then load_quantized timed, with and without sha256 verification
@@ -459,7 +459,8 @@ def build_parser():
     p.add_argument("--reps", type=int, default=None, help="timed calls per configuration (default 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
     p.add_argument("--quant-backend", default="fp8-scaled-mm", help="the transformer's w8a8 backend")
-    p.add_argument("--text-encoder-backend", default="int8-layerwise", help="int8-layerwise or fp8-layerwise")
+    p.add_argument("--text-encoder-backend", default="int8-layerwise",
+                   help="int8-layerwise, fp8-layerwise (weight-only) or a W8A8 backend such as fp8-triton (not with 24gb)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint-load writes (default: the temp dir)")
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -146,8 +146,16 @@ def quantize_weight(
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale[:, None]`` computed in fp32, returned in ``dtype``."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
+    """``q * scale[:, None]`` computed in fp32, returned in ``dtype``.
+
+    One pass that writes ``dtype`` (torch computes int8 x fp32 in fp32 and casts on the store), not
+    ``q.float() * scale`` then ``.to(dtype)``, whose two fp32 [N, K] temporaries made the weight-only
+    backends' per-call upcast move ~5x the bytes (a 7B text encoder: ~40 ms a prompt on an H200).
+    e4m3 is widened to bf16 first (exact: every e4m3 value is a bf16 value), as torch does not
+    promote float8 types."""
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    src = q.to(torch.bfloat16) if q.dtype == torch.float8_e4m3fn else q
+    return torch.mul(src, scale.float()[:, None], out=out)
 
 
 def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:

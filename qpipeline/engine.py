@@ -60,7 +60,10 @@ from .recipe import get_recipe
 
 __all__ = ["Engine"]
 
-_TEXT_ENCODER_BACKENDS = ("int8-layerwise", "fp8-layerwise")
+# Weight-only (upcast per call; what the 24 GB mode quantizes on the CPU) or W8A8 (8-bit GEMMs,
+# quantized on the device: no upcast, but each Linear call also quantizes its input).
+_TEXT_ENCODER_WEIGHT_ONLY = ("int8-layerwise", "fp8-layerwise")
+_TEXT_ENCODER_BACKENDS = _TEXT_ENCODER_WEIGHT_ONLY + ("fp8-triton", "fp8-scaled-mm", "int8-triton", "int8-torch")
 LORA_NAME = "engine"
 
 
@@ -70,9 +73,11 @@ class Engine:
     ``backend``: ``auto``, ``bf16`` (no quantization) or any quantizing backend name; with
     ``quantized`` it picks the kernel for the checkpoint's format. ``recipe``: the rules used
     when quantizing at load (default ``qwen-image``: embedders, time embedding, ``norm_out``
-    and ``proj_out`` stay bf16). ``quantize_text_encoder``: False, True (``int8-layerwise``) or
-    ``"fp8-layerwise"``: weight-only 8-bit storage for the text encoder's Linear layers, which
-    halves its memory at the cost of a per-layer upcast (it runs once per prompt, not per step).
+    and ``proj_out`` stay bf16). ``quantize_text_encoder``: False, True (``int8-layerwise``),
+    ``"fp8-layerwise"`` (weight-only 8-bit storage for the text encoder's Linear layers: half its
+    memory, one upcast per layer call; it runs once per prompt, not per step) or a W8A8 backend
+    (``"fp8-triton"``, ``"fp8-scaled-mm"``, ``"int8-triton"``, ``"int8-torch"``: 8-bit GEMMs, not
+    with ``offload``).
     ``attention``: None (the model's own), "int8-fp8" or "bf16": qkernels' processor for the
     transformer's joint attention, set after loading.
     """
@@ -100,6 +105,9 @@ class Engine:
         if quantize_text_encoder and quantize_text_encoder not in _TEXT_ENCODER_BACKENDS:
             raise InputError(f"quantize_text_encoder must be False, True or one of {', '.join(_TEXT_ENCODER_BACKENDS)}, "
                              f"got {quantize_text_encoder!r}")
+        if offload and quantize_text_encoder and quantize_text_encoder not in _TEXT_ENCODER_WEIGHT_ONLY:
+            raise InputError(f"offload=True quantizes the text encoder on the CPU, where {quantize_text_encoder!r} "
+                             f"cannot run: use one of {', '.join(_TEXT_ENCODER_WEIGHT_ONLY)}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if reason := device_reason(device):  # now, not as an AssertionError deep inside load()
             raise BackendUnavailableError(f"Engine(device={str(device)!r}): {reason}")

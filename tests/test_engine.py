@@ -192,6 +192,17 @@ def test_quantized_text_encoder(pipe_dir, images, bf16_image):
     assert psnr(image, bf16_image) > PSNR_MIN, psnr(image, bf16_image)
 
 
+def test_w8a8_text_encoder(pipe_dir, images, bf16_image):
+    """A W8A8 backend for the text encoder: its Linears compute in int8, the image stays close."""
+    engine = Engine(pipe_dir, backend="int8-torch", quantize_text_encoder="int8-torch", device="cpu")
+    image = engine.generate(images, **GEN)
+    te = quant_layers(engine.pipeline.text_encoder)
+    assert te and all(m.format == "w8a8-int8" and m.backend == "int8-torch" for m in te)
+    assert psnr(image, bf16_image) > PSNR_MIN, psnr(image, bf16_image)
+    with pytest.raises(InputError, match="offload=True quantizes the text encoder on the CPU"):
+        Engine(pipe_dir, backend="int8-torch", quantize_text_encoder="int8-torch", device="cpu", offload=True)
+
+
 def test_unload_then_generate_reloads(pipe_dir, images):
     engine = Engine(pipe_dir, backend="int8-layerwise", device="cpu")
     first = engine.generate(images, **GEN)  # loads on first use

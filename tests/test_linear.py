@@ -315,3 +315,18 @@ def test_cli_prints_backend_table():
                          check=True).stdout
     for name in ("bf16", "int8-torch", "fp8-scaled-mm", "int8-layerwise", "fp8-layerwise", "auto ->"):
         assert name in out
+
+
+@pytest.mark.parametrize("fmt", ["w8-int8", "w8-fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_dequantize_weight_is_one_fp32_product_rounded_once(fmt, dtype):
+    """The one-pass dequantization equals the fp32 product rounded once to ``dtype``, and a
+    product rounded in ``dtype`` (the cheaper, wrong arithmetic) is told apart."""
+    w = torch.randn(64, 96) * 3
+    q, s = formats.quantize_weight(w, fmt)
+    got = formats.dequantize_weight(q, s, dtype)
+    want = (q.float() * s[:, None]).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    if dtype != torch.float32:
+        assert not torch.equal(got, q.to(dtype) * s.to(dtype)[:, None])
+

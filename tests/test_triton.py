@@ -128,12 +128,17 @@ def _chunk_edge_activation(k: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunks", "one-tile"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 @pytest.mark.parametrize("k", [192, 320, 7000, 8192, 16000, 16500])
-def test_quantize_per_token_chunked_rows_bit_exact(k, fp8):
+def test_quantize_per_token_chunked_rows_bit_exact(k, fp8, chunked, monkeypatch):
     """Every row layout of the per-token kernel (one, two, three or four chunks, exact or with
-    padding lanes, two passes past four) against the reference, with the amax placed at the
-    chunk edges: a kernel that dropped a chunk from the amax gets row 0, 1 or 2's scale wrong."""
+    padding lanes, or one power-of-two tile; two passes past 16384) against the reference, with
+    the amax placed at the chunk edges: a kernel that dropped a chunk from the amax gets a row's
+    scale wrong."""
+    from qkernels.triton import quant
+
+    monkeypatch.setitem(quant.TUNING, "quant_chunked", chunked)
     x = _chunk_edge_activation(k).to(DEV)
     q, s = kt.quantize_per_token(x, None, fp8)
     q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8])
@@ -141,18 +146,6 @@ def test_quantize_per_token_chunked_rows_bit_exact(k, fp8):
     assert s[-2].item() == 1.0 and s[-1].item() == formats.MIN_ACTIVATION_SCALE and q[-1].float().abs().max() > 0
     want = (torch.tensor(40.0) / torch.tensor(formats.get_format(FMT[fp8]).qmax)).item()  # fp32
     assert (s[:-2] == want).all()
-
-
-def test_quantize_per_token_single_tile_layout_bit_exact(monkeypatch):
-    """The power-of-two tile layout the benchmark measures against stays exact too."""
-    from qkernels.triton import quant
-
-    monkeypatch.setitem(quant.TUNING, "quant_chunked", False)
-    x = _chunk_edge_activation(320).to(DEV)
-    for fp8 in (False, True):
-        q, s = kt.quantize_per_token(x, None, fp8)
-        q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8])
-        assert same_bits(s, s_ref) and same_bits(q, q_ref)
 
 
 def test_quantize_per_token_multiplies_by_the_reciprocal():

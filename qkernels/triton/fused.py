@@ -52,8 +52,10 @@ _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # RoPE kernel, and whether it reads contiguous [heads, D] tiles and splits the pairs in registers
 # (True) or reads even / odd elements apart. Set from the H200 (benchmarks/results/h200/run5,
 # M = 8,400): split pair loads 83 us against 825 us strided (3.7 against 0.36 TB/s); the
-# LayerNorm kernel (one 4096-wide tile) 67.8 us at 4 warps, 88.7 at 16.
-TUNING = {"lmq_warps": 4, "lmq_chunked": True, "qk_warps": 4, "qk_split": True}
+# LayerNorm kernel (one 4096-wide tile) 67.8 us at 4 warps, 88.7 at 16; run 9, with the
+# reciprocal and max.NaN (loads then still behind the reductions): one tile 43.9 us at 4 warps
+# (15.3 at M = 2,256), chunks 44.5 (20.0).
+TUNING = {"lmq_warps": 4, "lmq_chunked": False, "qk_warps": 4, "qk_split": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,10 +64,11 @@ TUNING = {"lmq_warps": 4, "lmq_chunked": True, "qk_warps": 4, "qk_split": True}
 
 @triton.jit
 def _lmq_piece(row_ptr, cols, K, EVEN_K: tl.constexpr):
+    """A CHUNK-wide piece of a row, as loaded (the caller converts)."""
     if EVEN_K:
-        return tl.load(row_ptr + cols).to(tl.float32)
+        return tl.load(row_ptr + cols)
     else:
-        return tl.load(row_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        return tl.load(row_ptr + cols, mask=cols < K, other=0.0)
 
 
 @triton.jit
@@ -77,12 +80,10 @@ def _lmq_deviation(x, mean, cols, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _lmq_modulate(d, rstd, scale_row, shift_row, cols, K, EVEN_K: tl.constexpr, ROUND: tl.constexpr):
-    y = _round(d * rstd, ROUND)
-    sc = _lmq_piece(scale_row, cols, K, EVEN_K)
-    sh = _lmq_piece(shift_row, cols, K, EVEN_K)
+def _lmq_modulate(d, rstd, sc, sh, ROUND: tl.constexpr):
     # Qwen-Image's _modulate: x * (1 + scale) + shift, each op rounded in the activation dtype.
-    return _round(_round(y * _round(1.0 + sc, ROUND), ROUND) + sh, ROUND)
+    y = _round(d * rstd, ROUND)
+    return _round(_round(y * _round(1.0 + sc.to(tl.float32), ROUND), ROUND) + sh.to(tl.float32), ROUND)
 
 
 @triton.jit
@@ -92,25 +93,42 @@ def _layernorm_modulate_quant_kernel(
     QMAX: tl.constexpr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr, ROUND: tl.constexpr,
     CHUNK: tl.constexpr, NCHUNK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One row per program, held in registers as NCHUNK pieces of CHUNK (``quant.row_chunks``:
-    K = 3072 is 3 x 1024, no padding lanes), written out piece by piece: a loop cannot keep them."""
+    """One row per program, held in registers as NCHUNK pieces of CHUNK (``quant.row_chunks``),
+    written out piece by piece since a loop cannot keep them. Every load (the row and its
+    modulation row) is issued before the first reduction, whose barrier would otherwise hold the
+    later loads back: one memory round trip a program, not one per reduction (run 9: the
+    modulation loads after the variance were exposed latency)."""
     row = tl.program_id(0)
     c0 = tl.arange(0, CHUNK)
     c1 = CHUNK + c0
     c2 = 2 * CHUNK + c0
     c3 = 3 * CHUNK + c0
     xr = x_ptr + row * stride_xm
+    g = tl.load(grow_ptr + row).to(tl.int64)
+    scr = scale_ptr + g * stride_mod
+    shr = shift_ptr + g * stride_mod
+    x0 = _lmq_piece(xr, c0, K, EVEN_K).to(tl.float32)
+    sc0 = _lmq_piece(scr, c0, K, EVEN_K)
+    sh0 = _lmq_piece(shr, c0, K, EVEN_K)
+    if NCHUNK > 1:
+        x1 = _lmq_piece(xr, c1, K, EVEN_K).to(tl.float32)
+        sc1 = _lmq_piece(scr, c1, K, EVEN_K)
+        sh1 = _lmq_piece(shr, c1, K, EVEN_K)
+    if NCHUNK > 2:
+        x2 = _lmq_piece(xr, c2, K, EVEN_K).to(tl.float32)
+        sc2 = _lmq_piece(scr, c2, K, EVEN_K)
+        sh2 = _lmq_piece(shr, c2, K, EVEN_K)
+    if NCHUNK > 3:
+        x3 = _lmq_piece(xr, c3, K, EVEN_K).to(tl.float32)
+        sc3 = _lmq_piece(scr, c3, K, EVEN_K)
+        sh3 = _lmq_piece(shr, c3, K, EVEN_K)
     # torch's LayerNorm: fp32 mean and biased variance, (x - mean) * rsqrt(var + eps), one rounding.
-    x0 = _lmq_piece(xr, c0, K, EVEN_K)
     total = tl.sum(x0, axis=0)
     if NCHUNK > 1:
-        x1 = _lmq_piece(xr, c1, K, EVEN_K)
         total += tl.sum(x1, axis=0)
     if NCHUNK > 2:
-        x2 = _lmq_piece(xr, c2, K, EVEN_K)
         total += tl.sum(x2, axis=0)
     if NCHUNK > 3:
-        x3 = _lmq_piece(xr, c3, K, EVEN_K)
         total += tl.sum(x3, axis=0)
     mean = total / K
     d0 = _lmq_deviation(x0, mean, c0, K, EVEN_K)
@@ -125,20 +143,17 @@ def _layernorm_modulate_quant_kernel(
         d3 = _lmq_deviation(x3, mean, c3, K, EVEN_K)
         sq += tl.sum(d3 * d3, axis=0)
     rstd = 1.0 / tl.sqrt(sq / K + eps)
-    g = tl.load(grow_ptr + row).to(tl.int64)
-    scr = scale_ptr + g * stride_mod
-    shr = shift_ptr + g * stride_mod
     # Per-token quantization, the arithmetic of quant.py (NaN amax propagates; x * (1 / scale)).
-    y0 = _lmq_modulate(d0, rstd, scr, shr, c0, K, EVEN_K, ROUND)
+    y0 = _lmq_modulate(d0, rstd, sc0, sh0, ROUND)
     amax = row_amax(y0, 0)
     if NCHUNK > 1:
-        y1 = _lmq_modulate(d1, rstd, scr, shr, c1, K, EVEN_K, ROUND)
+        y1 = _lmq_modulate(d1, rstd, sc1, sh1, ROUND)
         amax = tl.maximum(amax, row_amax(y1, 0), propagate_nan=tl.PropagateNan.ALL)
     if NCHUNK > 2:
-        y2 = _lmq_modulate(d2, rstd, scr, shr, c2, K, EVEN_K, ROUND)
+        y2 = _lmq_modulate(d2, rstd, sc2, sh2, ROUND)
         amax = tl.maximum(amax, row_amax(y2, 0), propagate_nan=tl.PropagateNan.ALL)
     if NCHUNK > 3:
-        y3 = _lmq_modulate(d3, rstd, scr, shr, c3, K, EVEN_K, ROUND)
+        y3 = _lmq_modulate(d3, rstd, sc3, sh3, ROUND)
         amax = tl.maximum(amax, row_amax(y3, 0), propagate_nan=tl.PropagateNan.ALL)
     scale = token_scale(amax, QMAX)
     inv = tl.math.div_rn(1.0, scale)

@@ -4,7 +4,7 @@
 # with the one-pass weight upcast (int8 text encoder), an fp8-triton text encoder, and the 24 GB
 # mode (model CPU offload) in its own process. Results tarred: one file comes back.
 set -u
-OUT=${OUT:-out/run9}; mkdir -p "$OUT"
+DEST=${OUT:-out}; OUT=$(mktemp -d)/run9; mkdir -p "$OUT"  # tarred into $DEST at the end
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TRITON_CACHE_AUTOTUNING=1
 SITE=$(mktemp -d)
 python3 -m pip install -q --no-deps --no-index --target "$SITE" .whl/diffusers-*.whl .whl/importlib_metadata-*.whl \
@@ -26,4 +26,4 @@ timeout -s INT 90 python3 -m benchmarks.pipeline $P --text-encoder-backend fp8-t
   --variants engine-fp8,engine-fp8-fused-graphs --out "$OUT/p1-te-fp8" > "$OUT/p1-te-fp8.log" 2>&1; log "p1-te-fp8 rc=$?"
 timeout -s INT 130 python3 -m benchmarks.pipeline $P --variants engine-fp8-24gb \
   --out "$OUT/p24" > "$OUT/p24.log" 2>&1; log "p24 rc=$?"
-tar czf /tmp/run9b.tar.gz -C "$OUT" . && mv /tmp/run9b.tar.gz "$OUT/results2.tar.gz"; log done
+log done; tar czf "$DEST/run9-call2.tar.gz" -C "$OUT" .

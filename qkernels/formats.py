@@ -149,8 +149,10 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     """``q * scale[:, None]`` computed in fp32, returned in ``dtype``.
 
     One pass that writes ``dtype`` (torch computes int8 x fp32 in fp32 and casts on the store), not
-    ``q.float() * scale`` then ``.to(dtype)``, whose two fp32 [N, K] temporaries made the weight-only
-    backends' per-call upcast move ~5x the bytes (a 7B text encoder: ~40 ms a prompt on an H200).
+    ``q.float() * scale`` then ``.to(dtype)``, whose two fp32 [N, K] temporaries moved ~4x the
+    bytes: the int8 text encoder's upcast cost ~45 ms a prompt on an H200 (run 7). On CUDA the
+    layerwise backends call ``gemms.dequantize_weight``, a Triton kernel with the same arithmetic,
+    since torch's mixed-dtype multiply takes a slow per-element casting path there (run 9).
     e4m3 is widened to bf16 first (exact: every e4m3 value is a bf16 value), as torch does not
     promote float8 types."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device)

@@ -171,6 +171,23 @@ def test_quantize_per_token_multiplies_by_the_reciprocal():
     assert not torch.equal(q.cpu(), divided)
 
 
+@pytest.mark.parametrize("fmt", ["w8-int8", "w8-fp8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+def test_dequantize_weight_kernel_bit_exact(fmt, dtype):
+    """The layerwise backends' CUDA upcast equals formats.dequantize_weight bit for bit (a
+    column tail: K = 2100 is one full 2048 block and a masked one); a wrong row scale is seen."""
+    w = torch.randn(37, 2100) * 3
+    q, s = formats.quantize_weight(w, fmt)
+    q, s = q.to(DEV), s.to(DEV)
+    got = kt.dequantize_weight(q, s, dtype)
+    assert got.dtype == dtype and same_bits(got, formats.dequantize_weight(q, s, dtype))
+    s_bad = s.clone()
+    s_bad[5] *= 1.01
+    assert not torch.equal(kt.dequantize_weight(q, s_bad, dtype), got)
+    with pytest.raises(InputError, match="int8/e4m3"):
+        kt.dequantize_weight(q.float(), s, dtype)
+
+
 def test_quantize_rejects_bad_inputs():
     x = torch.randn(4, 32, device=DEV)
     with pytest.raises(InputError, match="input_smooth"):

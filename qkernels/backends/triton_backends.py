@@ -34,6 +34,7 @@ _CUDA_KERNELS = {
     gemms.fp8_gemm: "fp8_gemm",
     gemms.fp8_gemm_tma: "fp8_gemm_tma",
     gemms.weight_only_gemm: "weight_only_gemm",
+    gemms.dequantize_weight: "dequantize_weight",
     fused.int8_gemm_fused: "int8_gemm",
     fused.fp8_gemm_fused: "fp8_gemm",
     fused.fp8_gemm_tma_fused: "fp8_gemm_tma",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import formats
 from . import KernelOp, dequant_epilogue, gemm_fake, int8_mm_dequant_reference, int_mm
 
-__all__ = ["int8_gemm", "int8_static_gemm", "fp8_gemm", "fp8_gemm_tma", "weight_only_gemm"]
+__all__ = ["int8_gemm", "int8_static_gemm", "fp8_gemm", "fp8_gemm_tma", "weight_only_gemm", "dequantize_weight"]
 
 
 def _int8_static_gemm_ref(
@@ -44,10 +44,22 @@ def _fp8_gemm_ref(
     return dequant_epilogue(a.float() @ w.float().t(), a_scale, w_scale, bias, out_dtype)
 
 
+def _dequantize_weight_ref(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return formats.dequantize_weight(q, scale, dtype)
+
+
+def _dequantize_weight_fake(q, scale, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+# The layerwise backends' per-call upcast (a Triton kernel on CUDA).
+dequantize_weight = KernelOp("dequantize_weight", _dequantize_weight_ref, _dequantize_weight_fake)
+
+
 def _weight_only_gemm_ref(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    wd = formats.dequantize_weight(w, w_scale, x.dtype)
+    wd = dequantize_weight(w, w_scale, x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return F.linear(x, wd, bias)

@@ -53,9 +53,10 @@ _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # (True) or reads even / odd elements apart. Set from the H200 (benchmarks/results/h200/run5,
 # M = 8,400): split pair loads 83 us against 825 us strided (3.7 against 0.36 TB/s); the
 # LayerNorm kernel (one 4096-wide tile) 67.8 us at 4 warps, 88.7 at 16; run 9, with the
-# reciprocal and max.NaN (loads then still behind the reductions): one tile 43.9 us at 4 warps
-# (15.3 at M = 2,256), chunks 44.5 (20.0).
-TUNING = {"lmq_warps": 4, "lmq_chunked": False, "qk_warps": 4, "qk_split": True}
+# reciprocal and max.NaN, loads behind the reductions: one tile 43.9 us at 4 warps, chunks 44.5;
+# every load first (run 9, call 2): chunks 38.9 us at 4 warps (58% of the copy rate), one tile
+# 67.3 (its 89 registers a thread halve the blocks an SM holds).
+TUNING = {"lmq_warps": 4, "lmq_chunked": True, "qk_warps": 4, "qk_split": True}
 
 
 # --------------------------------------------------------------------------------------------

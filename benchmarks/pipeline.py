@@ -327,7 +327,7 @@ class Run:
             if fp8 and not quantized:
                 t0 = time.perf_counter()
                 self.engine_fp8 = Engine(self.pipe, backend=self.args.quant_backend, device=self.device,
-                                         quantize_text_encoder=self.args.text_encoder_backend).load()
+                                         quantize_text_encoder=self._te_backend()).load()
                 _free(self.device)
                 self.quantize_s = time.perf_counter() - t0
                 quantized = True
@@ -344,7 +344,7 @@ class Run:
                 backend = self.args.quant_backend if fp8 else "bf16"
                 try:
                     engine = Engine(self.pipe, backend=backend, device=self.device,
-                                    quantize_text_encoder=self.args.text_encoder_backend if fp8 else False,
+                                    quantize_text_encoder=self._te_backend() if fp8 else False,
                                     **opts).load()
                 except Exception as exc:  # e.g. CUDA graphs on a CPU: the variant's row says why
                     self.add(dict(self.common, variant=variant, status=harness.fmt_status(exc)))
@@ -359,6 +359,12 @@ class Run:
                              engine=engine, fill=variant.endswith("cache"))
                 if self.rows[-1]["status"] == "ok":
                     self.rows[-1].update(build_s=self.build_s, quantize_s=getattr(self, "quantize_s", None))
+                    if fp8:
+                        te = f"text encoder {self._te_backend() or 'bf16'}"
+                        self.rows[-1]["note"] = "; ".join(filter(None, [self.rows[-1].get("note"), te]))
+
+    def _te_backend(self):
+        return False if self.args.text_encoder_backend == "none" else self.args.text_encoder_backend
 
     def diffusers_call(self, images, *, prompt, num_steps, true_cfg_scale, seed, height, width, output_type):
         extra = {"negative_prompt": " "} if true_cfg_scale > 1 else {}
@@ -460,7 +466,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
     p.add_argument("--quant-backend", default="fp8-scaled-mm", help="the transformer's w8a8 backend")
     p.add_argument("--text-encoder-backend", default="int8-layerwise",
-                   help="int8-layerwise, fp8-layerwise (weight-only) or a W8A8 backend such as fp8-triton (not with 24gb)")
+                   help="int8-layerwise, fp8-layerwise (weight-only), a W8A8 backend such as fp8-scaled-mm (not with "
+                        "24gb), or none (bf16)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoint-load writes (default: the temp dir)")
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -25,6 +25,8 @@ one built pipeline serves them all):
     checkpoint-load          save_quantized of the fp8 transformer, files read once (page cache),
                              then load_quantized timed, with and without sha256 verification
     engine-fp8-24gb          the 24 GB mode: fp8 + int8 text encoder + model CPU offload
+    engine-fp8-fused, engine-fp8-fused-batched-cfg, engine-fp8-fused-graphs
+                             the fused block path (qpipeline.blocks), + batched CFG, + CUDA graphs
 
 Per (variant, images, steps, cfg): ``--warmup`` untimed calls, then ``--reps`` timed calls;
 cells are medians over the reps; ``step_ms`` lists the last rep's steps. ``peak_gb`` is the
@@ -62,7 +64,7 @@ COLUMNS = [
 VARIANTS = ["diffusers-bf16", "engine-bf16", "engine-bf16-batched-cfg", "engine-bf16-cache", "engine-fp8",
             "engine-fp8-batched-cfg", "engine-fp8-cache", "checkpoint-load", "engine-fp8-24gb",
             # last: they rewire the shared transformer (fused blocks, then graphs over them)
-            "engine-fp8-fused", "engine-fp8-fused-graphs"]
+            "engine-fp8-fused", "engine-fp8-fused-batched-cfg", "engine-fp8-fused-graphs"]
 PROMPT = "make the sky stormy and add a red umbrella"
 
 # ---------------------------------------------------------------------------------------------

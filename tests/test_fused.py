@@ -347,6 +347,53 @@ def test_the_joint_mask_of_older_diffusers_is_honored(fused):
         assert calls == [True] * len(model.transformer_blocks)  # the fused forward ran in every block
 
 
+@pytest.mark.parametrize("diffusers_037", [False, True], ids=["text-mask", "joint-mask"])
+@torch.no_grad()
+def test_padded_keys_sliced_out_equal_the_masked_attention(monkeypatch, diffusers_037):
+    """The CUDA form of a text padding mask (each sample attends alone to its unpadded keys, no
+    mask) against the masked attention, on a batch of two whose second prompt is padded as
+    batched CFG pads it: equal within bf16 attention rounding; the padded tokens' content cannot
+    reach the image tokens (bit-equal when it changes); slicing one token too few is caught."""
+    from qpipeline import quantize_model
+    from qpipeline.blocks import fuse_model, qwen_image
+
+    model = _tiny(zero_cond_t=True)
+    inp = demo_inputs_padded(model)
+    quantize_model(model, "int8-torch")
+    fuse_model(model)
+    handles = _as_diffusers_037(model) if diffusers_037 else []
+    try:
+        masked = model(**inp)[0]
+        monkeypatch.setitem(qwen_image.SLICE_PADDED_KEYS, "cpu", True)
+        qwen_image._LAST = None
+        sliced = model(**inp)[0]
+        assert qwen_image._LAST.lengths == [7, 4] and qwen_image._LAST.mask is not None
+        rel = ((sliced.float() - masked.float()).norm() / masked.float().norm()).item()
+        # the two forms differ only in the order of fp32 sums before bf16 outputs: within one bf16
+        # rounding (2^-9 relative; measured 8.5e-4), where one text token too few moves it 7.7e-3
+        assert rel < 2**-9, rel
+        other = {**inp, "encoder_hidden_states": inp["encoder_hidden_states"].clone()}
+        other["encoder_hidden_states"][1, 4:] = 5.0  # the padding's content
+        assert torch.equal(model(**other)[0], sliced)
+        original = qwen_image._prefix_lengths
+        monkeypatch.setattr(qwen_image, "_prefix_lengths", lambda *a: [n - 1 for n in original(*a)])
+        qwen_image._LAST = None
+        broken = model(**inp)[0]
+        assert ((broken.float() - masked.float()).norm() / masked.float().norm()).item() > 2**-9
+    finally:
+        for h in handles:
+            h.remove()
+        qwen_image._LAST = None
+
+
+def demo_inputs_padded(model):
+    from qpipeline.demo import demo_inputs
+
+    inp = demo_inputs(model, image_hw=(4, 4), reference_hw=(4, 4), text_tokens=7, batch=2)
+    inp["encoder_hidden_states_mask"][1, 4:] = 0  # the shorter prompt, right-padded
+    return inp
+
+
 @torch.no_grad()
 def test_fused_block_catches_a_broken_modulation_index():
     """Edit-2511's per-token modulation matters: the fused block given the wrong tokens' rows

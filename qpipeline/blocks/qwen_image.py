@@ -48,7 +48,14 @@ def _block_class():
 
 
 class _Prepared:
-    __slots__ = ("key", "img_rows", "txt_rows", "rope_img", "rope_txt", "mask")
+    __slots__ = ("key", "img_rows", "txt_rows", "rope_img", "rope_txt", "mask", "lengths", "l_txt")
+
+
+# Where a text key-padding mask is applied by slicing the padded keys out (each sample attended
+# alone, unmasked) instead of passing the mask to SDPA: on CUDA, whose fast SDPA kernels take no
+# mask (a batched-CFG forward, whose shorter prompt is padded, otherwise falls to a slower
+# kernel). The CPU keeps the mask, so fused and unfused stay bit-equal there; tests flip it.
+SLICE_PADDED_KEYS = {"cuda": True, "cpu": False}
 
 
 _LAST: _Prepared | None = None
@@ -80,9 +87,15 @@ def _prepare(batch, l_img, l_txt, modulate_index, rope, mask, device, joint: boo
     p.txt_rows = b.repeat_interleave(l_txt)
     p.rope_img = torch.view_as_real(img_freqs.to(device)).float().contiguous()
     p.rope_txt = torch.view_as_real(txt_freqs.to(device)).float().contiguous()
+    p.l_txt, p.lengths = l_txt, None
     # An all-ones text mask masks nothing: attend without one (the fast kernels take no mask).
     # One host sync per forward, not per block; kept as it is while a CUDA graph is captured.
-    if mask is None or (not (mask.is_cuda and torch.cuda.is_current_stream_capturing()) and bool(mask.all())):
+    capturing = mask is not None and mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    if mask is not None and not capturing and SLICE_PADDED_KEYS.get(torch.device(device).type, False):
+        p.lengths = _prefix_lengths(mask, l_txt, joint)
+        if p.lengths is not None and all(n == l_txt for n in p.lengths):
+            mask, p.lengths = None, None
+    if mask is None or (not capturing and p.lengths is None and bool(mask.all())):
         p.mask = None
     elif joint:  # [B, S_txt + S_img], the image part ones by construction (diffusers <= 0.37)
         p.mask = mask.to(device, torch.bool)[:, None, None, :]
@@ -92,6 +105,19 @@ def _prepare(batch, l_img, l_txt, modulate_index, rope, mask, device, joint: boo
         p.mask = joint_mask[:, None, None, :]
     _LAST = p
     return p
+
+
+def _prefix_lengths(mask: torch.Tensor, l_txt: int, joint: bool) -> list[int] | None:
+    """Each sample's valid text length where the mask is right padding (ones, then zeros; the
+    image part all ones), else None. One host sync."""
+    m = mask.to(torch.bool)
+    txt = m[:, :l_txt] if joint else m
+    lengths = txt.sum(1)
+    ok = (txt == (torch.arange(l_txt, device=m.device)[None] < lengths[:, None])).all()
+    if joint:
+        ok = ok & m[:, l_txt:].all()
+    *lengths, ok = torch.cat([lengths, ok.long()[None]]).tolist()
+    return lengths if ok else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,11 +131,24 @@ def _attention_mode(block) -> str:
     return getattr(block.attn.processor, "mode", "bf16")
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               mode: str) -> torch.Tensor:
-    """Joint attention on [B, S, H, D] q/k/v (transposed views, no copies); returns [B, S, H, D]."""
-    return attention.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                          mode=mode).transpose(1, 2)
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prep: _Prepared, mode: str) -> torch.Tensor:
+    """Joint attention on [B, S, H, D] q/k/v (transposed views, no copies); returns [B, S, H, D].
+
+    With right-padded text (``prep.lengths``, bf16 mode; the int8-fp8 kernel takes the mask
+    itself) each sample attends alone to its own keys, the padded text keys cut out (a copy of
+    k and v for a padded sample): softmax over the same keys as the masked call, with no mask,
+    so SDPA keeps its fast kernels. A padded query row attends as under the mask."""
+    if prep.lengths is None or mode != "bf16":
+        return attention.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=prep.mask,
+                              mode=mode).transpose(1, 2)
+    outs = []
+    for b, n in enumerate(prep.lengths):
+        kb, vb = k[b:b + 1], v[b:b + 1]
+        if n < prep.l_txt:
+            kb, vb = (torch.cat([t[:, :n], t[:, prep.l_txt:]], 1) for t in (kb, vb))
+        outs.append(attention.sdpa(q[b:b + 1].transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2),
+                                   mode=mode).transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +219,7 @@ class FusedQwenImageTransformerBlock:
         norms = [None if n is None else n.weight
                  for n in (attn.norm_added_q, attn.norm_added_k, attn.norm_q, attn.norm_k)]  # txt q, k; img q, k
         q, k, v = kn.qk_norm_rope(qkv_t, qkv_i, batch, st.heads, *norms, prep.rope_txt, prep.rope_img, st.eps_rms)
-        o = _attention(q, k, v, prep.mask, _attention_mode(self)).reshape(batch, l_txt + l_img, dim)
+        o = _attention(q, k, v, prep, _attention_mode(self)).reshape(batch, l_txt + l_img, dim)
         if batch == 1:  # one quant pass over the joint output; the streams are row ranges of it
             qo, so = kn.quantize_per_token(o.reshape(-1, dim).contiguous(), None, st.fp8)
             ot = QuantizedActivation(qo[:l_txt], so[:l_txt], dtype)

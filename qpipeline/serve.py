@@ -92,6 +92,9 @@ def main(argv=None) -> int:
         except (OSError, SystemExit) as e:
             print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
             return 2
+        # bind_socket binds but does not listen (the event loop would, later): listen now, so a
+        # client that connects on the line below is queued, not refused
+        sock.listen(server.config.backlog)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving on http://{shown}:{port} (page /, API docs /docs, {config.max_queue} waiting at most)",

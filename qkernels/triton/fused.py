@@ -73,6 +73,13 @@ def _lmq_piece(row_ptr, cols, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _lmq_loads(x_row, scale_row, shift_row, cols, K, EVEN_K: tl.constexpr):
+    """A piece of the row (fp32) and of its modulation scale and shift rows (as stored)."""
+    return (_lmq_piece(x_row, cols, K, EVEN_K).to(tl.float32), _lmq_piece(scale_row, cols, K, EVEN_K),
+            _lmq_piece(shift_row, cols, K, EVEN_K))
+
+
+@triton.jit
 def _lmq_deviation(x, mean, cols, K, EVEN_K: tl.constexpr):
     d = x - mean
     if not EVEN_K:
@@ -108,21 +115,13 @@ def _layernorm_modulate_quant_kernel(
     g = tl.load(grow_ptr + row).to(tl.int64)
     scr = scale_ptr + g * stride_mod
     shr = shift_ptr + g * stride_mod
-    x0 = _lmq_piece(xr, c0, K, EVEN_K).to(tl.float32)
-    sc0 = _lmq_piece(scr, c0, K, EVEN_K)
-    sh0 = _lmq_piece(shr, c0, K, EVEN_K)
+    x0, sc0, sh0 = _lmq_loads(xr, scr, shr, c0, K, EVEN_K)
     if NCHUNK > 1:
-        x1 = _lmq_piece(xr, c1, K, EVEN_K).to(tl.float32)
-        sc1 = _lmq_piece(scr, c1, K, EVEN_K)
-        sh1 = _lmq_piece(shr, c1, K, EVEN_K)
+        x1, sc1, sh1 = _lmq_loads(xr, scr, shr, c1, K, EVEN_K)
     if NCHUNK > 2:
-        x2 = _lmq_piece(xr, c2, K, EVEN_K).to(tl.float32)
-        sc2 = _lmq_piece(scr, c2, K, EVEN_K)
-        sh2 = _lmq_piece(shr, c2, K, EVEN_K)
+        x2, sc2, sh2 = _lmq_loads(xr, scr, shr, c2, K, EVEN_K)
     if NCHUNK > 3:
-        x3 = _lmq_piece(xr, c3, K, EVEN_K).to(tl.float32)
-        sc3 = _lmq_piece(scr, c3, K, EVEN_K)
-        sh3 = _lmq_piece(shr, c3, K, EVEN_K)
+        x3, sc3, sh3 = _lmq_loads(xr, scr, shr, c3, K, EVEN_K)
     # torch's LayerNorm: fp32 mean and biased variance, (x - mean) * rsqrt(var + eps), one rounding.
     total = tl.sum(x0, axis=0)
     if NCHUNK > 1:

@@ -255,6 +255,34 @@ def test_tampered_file_refused(saved, tmp_path):
     load_quantized(ck, verify=False)  # sizes and headers only: documented to accept it
 
 
+def test_verification_runs_beside_the_load_and_names_the_tampered_shard(saved, tmp_path, monkeypatch):
+    """The sha256 of each shard is computed in background threads while the tensors load; the
+    model comes back only after they matched. Where a tampered shard breaks the load itself,
+    the error names the tampering, not what broke."""
+    import threading
+
+    from qpipeline import checkpoint
+
+    ck = copy_checkpoint(saved, tmp_path / "c")
+    threads = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: (threads.append(threading.current_thread().name), real(p))[1])
+    load_quantized(ck)
+    assert threads and all(t.startswith("qk-sha256") for t in threads)
+    data = bytearray((ck / "diffusion_pytorch_model.safetensors").read_bytes())
+    data[-1000] ^= 0x40
+    (ck / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+
+    def broken_load(*args):
+        raise RuntimeError("what the corrupted bytes broke")
+
+    monkeypatch.setattr(checkpoint, "_load_checked", broken_load)
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_quantized(ck)
+    with pytest.raises(RuntimeError, match="what the corrupted bytes broke"):
+        load_quantized(ck, verify=False)
+
+
 def test_missing_tensor_refused(saved, tmp_path):
     key = "transformer_blocks.1.attn.to_k.weight_scale"
     ck = copy_checkpoint(saved, tmp_path / "c")

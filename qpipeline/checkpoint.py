@@ -807,12 +807,6 @@ def _read_tensors(path: Path, entries: dict[str, dict], keys) -> dict[str, torch
     return out
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    parent._modules[attr] = module
-
-
 def load_quantized(out_dir: str | Path, device: torch.device | str = "cpu", backend: str = "auto", *,
                    verify: bool = True, skeleton=None, mmap: bool = False, fuse: bool | None = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` onto ``device``.
@@ -872,21 +866,13 @@ def _load_checked(ckpt: Path, config: dict, where: dict, device: torch.device, s
             raise CheckpointError(f"{key} in {fname} is {_dtype_name(_ST_TO_TORCH[e['dtype']])} {e['shape']}, "
                                   f"{CONFIG_NAME} says {want['dtype']} {want['shape']}")
 
+    from .integrations._common import replace_on_meta
+
     model = _build_skeleton(config["model"], skeleton, ckpt)
-    for name, spec in config["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"quantized layer {name} does not exist in {config['model']['class']}") from None
-        if not isinstance(old, (nn.Linear, QuantLinear)) or (old.in_features, old.out_features) != (
-                spec["in_features"], spec["out_features"]):
-            raise CheckpointError(f"{name}: the model has {old!r} there, the checkpoint a "
-                                  f"{spec['in_features']}->{spec['out_features']} Linear")
-        bias_dtype = spec["bias_dtype"]
-        _set_module(model, name, QuantLinear(
-            spec["in_features"], spec["out_features"], bias_dtype is not None, format=spec["format"],
-            static=spec["static"], smooth=spec["smooth"],
-            bias_dtype=_dtype_from_name(bias_dtype) if bias_dtype else torch.bfloat16, device="meta"))
+    # each listed Linear becomes an empty QuantLinear on the meta device (its backend is set once
+    # loaded); the same swap as a diffusers / transformers load of a quantization_config
+    replace_on_meta(model, {name: {k: v for k, v in spec.items() if k != "backend"}
+                            for name, spec in config["layers"].items()}, CONFIG_NAME)
 
     # every key, dtype and shape is checked before a byte of tensor data is read
     expected = model.state_dict(keep_vars=True)

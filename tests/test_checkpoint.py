@@ -335,6 +335,19 @@ def test_unknown_format_version_refused(saved, tmp_path):
         load_quantized(ck)
 
 
+def test_layer_map_that_does_not_fit_the_model_refused(saved, tmp_path):
+    """The config's layer map is checked against the built model before any tensor is read."""
+    ck = copy_checkpoint(saved, tmp_path / "c")
+    name = "transformer_blocks.0.attn.to_q"
+    rewrite(ck, edit_config=lambda c: c["layers"].update({"transformer_blocks.0.attn.nope": c["layers"][name]}))
+    with pytest.raises(CheckpointError, match="quantized layer transformer_blocks.0.attn.nope does not exist"):
+        load_quantized(ck)
+    ck = copy_checkpoint(saved, tmp_path / "d")
+    rewrite(ck, edit_config=lambda c: c["layers"][name].update(in_features=c["layers"][name]["in_features"] + 1))
+    with pytest.raises(CheckpointError, match=f"{name} is Linear .* quantized Linear in the config"):
+        load_quantized(ck)
+
+
 def test_pickle_refused(tmp_path, tiny_demo):
     state = {k: v for k, v in tiny_demo[0].state_dict().items()}
     for name in ("model.bin", "model.pt", "model.ckpt"):

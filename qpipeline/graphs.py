@@ -114,13 +114,25 @@ def _without_all_ones_masks(kwargs: dict) -> dict:
     """A text mask that masks nothing, dropped before the graph is keyed and captured: eager
     attention drops it too (one host check per forward, qpipeline.blocks.qwen_image._prepare),
     and a capture cannot make that check, so it would record the masked attention kernels and
-    replay numbers eager never computes. A real padding mask stays (and keys its own graph)."""
+    replay numbers eager never computes. A real padding mask stays (and its forward runs the plain
+    loop where the eager blocks slice padded keys out: GraphedBlockList.run)."""
     if _all_true(kwargs.get("encoder_hidden_states_mask")):
         kwargs = {**kwargs, "encoder_hidden_states_mask": None}
     jk = kwargs.get("joint_attention_kwargs")
     if isinstance(jk, dict) and _all_true(jk.get("attention_mask")):  # diffusers <= 0.37's joint mask
         kwargs = {**kwargs, "joint_attention_kwargs": {k: v for k, v in jk.items() if k != "attention_mask"} or None}
     return kwargs
+
+
+def _has_padding(kwargs: dict) -> bool:
+    jk = kwargs.get("joint_attention_kwargs")
+    return kwargs.get("encoder_hidden_states_mask") is not None or (
+        isinstance(jk, dict) and jk.get("attention_mask") is not None)
+
+
+def _eager_slices_padding() -> bool:
+    fused = sys.modules.get("qpipeline.blocks.qwen_image")
+    return fused is not None and fused.SLICE_PADDED_KEYS.get("cuda", False)
 
 
 class _Runner:
@@ -154,6 +166,11 @@ class GraphedBlockList(nn.ModuleList):
 
     def run(self, kwargs: dict):
         kwargs = _without_all_ones_masks(kwargs)
+        if _has_padding(kwargs) and _eager_slices_padding():
+            # Eager fused blocks cut padded text keys out per sample, by lengths read on the host;
+            # a graph keyed by shape replays for any padding, so it could only take the masked
+            # kernel and would not equal eager: padded inputs run the plain loop.
+            return _run(list(nn.ModuleList.__iter__(self)), kwargs)
         key = _signature(kwargs)
         g = self._graphs.get(key)
         if g is None:

@@ -520,16 +520,37 @@ def test_cuda_graph_replay_equals_eager():
     quantize_model(model, "fp8-triton", fuse=True)
     cases = [demo_inputs(model, image_hw=hw, reference_hw=hw, text_tokens=20, seed=s)
              for hw, s in (((8, 8), 0), ((8, 8), 1), ((12, 8), 2), ((8, 8), 3))]
-    cases[-1]["encoder_hidden_states_mask"][0, 15:] = 0  # real padding: a graph of its own, masked
+    cases[-1]["encoder_hidden_states_mask"][0, 15:] = 0  # real padding: runs eagerly (sliced keys)
     eager = [model(**inp)[0].clone() for inp in cases]
     enable_cuda_graphs(model)
     assert isinstance(model.transformer_blocks, GraphedBlockList)
     for _ in range(2):
         for inp, want in zip(cases, eager):
             assert torch.equal(model(**inp)[0], want)
-    assert len(model.transformer_blocks._graphs) == 3  # two shapes unmasked (all-ones masks dropped), one masked
+    assert len(model.transformer_blocks._graphs) == 2  # two shapes (all-ones masks dropped); padding eager
     disable_cuda_graphs(model)
     assert torch.equal(model(**cases[0])[0], eager[0])
+
+
+@torch.no_grad()
+def test_graphed_blocks_run_padded_inputs_eagerly(monkeypatch):
+    """Where the eager fused blocks slice padded text keys out (CUDA), a graph keyed by shape could
+    not: a padded forward runs the plain loop, equal to the unwrapped model, and captures nothing."""
+    from qpipeline import quantize_model
+    from qpipeline.blocks import qwen_image
+    from qpipeline.graphs import GraphedBlockList, _Graph, disable_cuda_graphs, enable_cuda_graphs
+
+    model = _tiny(zero_cond_t=True)
+    inp = demo_inputs_padded(model)
+    quantize_model(model, "int8-torch", fuse=True)
+    monkeypatch.setitem(qwen_image.SLICE_PADDED_KEYS, "cuda", True)
+    want = model(**inp)[0]
+    enable_cuda_graphs(model)
+    monkeypatch.setattr(GraphedBlockList, "_cuda", lambda self: True)  # the runner path, on the CPU
+    monkeypatch.setattr(_Graph, "__init__", lambda *a: pytest.fail("a padded forward was captured"))
+    assert torch.equal(model(**inp)[0], want)
+    assert not model.transformer_blocks._graphs
+    disable_cuda_graphs(model)
 
 
 def test_graph_keys_drop_masks_that_mask_nothing():

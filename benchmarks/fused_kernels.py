@@ -7,7 +7,8 @@ moves the most bytes per second.
 Kernels: ``layernorm_modulate_quant`` (x [M, 3072] bf16 -> e4m3 + scales) with the row held as
 exact chunks or as one power-of-two tile, 2, 4 and 8 warps a row; the separate
 ``quantize_per_token`` pass at K = 3072 (the attention output) and K = 12288 (the MLP's hidden
-activation), chunked or one tile, 1 or 2 rows a program, 4, 8 and 16 warps; ``qk_norm_rope`` (two
+activation), 1 or 2 rows a program, 4, 8 and 16 warps (run 9 also measured it with chunked rows:
+slower, since removed); ``qk_norm_rope`` (two
 streams' q|k|v [M, 9216] -> joint q, k, v) with split pair loads, 2, 4, 8 warps a token (run 5
 measured the strided loads at a tenth of the copy rate); and ``clone`` of the same bytes as the
 roof, per K. Rows: median us (triton.testing.do_bench), GB/s, % of the copy rate; ``current``
@@ -69,16 +70,14 @@ def run(args, rows: list[dict]) -> list[dict]:
         fused.TUNING.update(fused_default)
 
         for k, xk in xs.items():
-            for chunked in (True, False):
-                for n_rows in ((1, 2) if k == dim else (1,)):
-                    for warps in (4, 8, 16):
-                        quant.TUNING.update(quant_chunked=chunked, quant_rows=n_rows, quant_warps=warps)
-                        us = timed(lambda: quant.quantize_per_token(xk, None, True))
-                        quant.TUNING.update(quant_default)
-                        r, _, _, w = quant._launch_shape(m, k)
-                        current = chunked == quant_default["quant_chunked"] and (r, w) == (n_rows, warps)
-                        add("quantize_per_token", f"{'chunks' if chunked else 'one tile'} rows={n_rows} warps={warps}",
-                            k, us, m * k * 3 + m * 4, current)
+            for n_rows in ((1, 2) if k == dim else (1,)):
+                for warps in (4, 8, 16):
+                    quant.TUNING.update(quant_rows=n_rows, quant_warps=warps)
+                    us = timed(lambda: quant.quantize_per_token(xk, None, True))
+                    quant.TUNING.update(quant_default)
+                    r, _, w = quant._launch_shape(m, k, quant._SINGLE_PASS_MAX_K)
+                    add("quantize_per_token", f"rows={n_rows} warps={warps}", k, us, m * k * 3 + m * 4,
+                        (r, w) == (n_rows, warps))
 
         l_txt = 208
         qt = torch.randn(l_txt, 3 * dim, device=dev, dtype=torch.bfloat16)

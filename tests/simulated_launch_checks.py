@@ -57,8 +57,8 @@ def quant_checks(sim) -> None:
         q = torch.empty(m, k, dtype=torch.int8)
         s = torch.empty(m, dtype=torch.float32)
         args, grid = (x, s, q, s, m, k, x.stride(0), q.stride(0)), (m,)
-        meta = dict(QMAX=127.0, HAS_SMOOTH=False, FP8=False, SOFT_FP8=False, ROWS=1, CHUNK=32, NCHUNK=3,
-                    EVEN_K=True, num_warps=4)
+        meta = dict(QMAX=127.0, HAS_SMOOTH=False, FP8=False, SOFT_FP8=False, ROWS=1, BLOCK_K=128,
+                    SINGLE_PASS=True, num_warps=4)
         launcher(grid, (), args, **meta)  # through Triton: compiles, records
         launcher(grid, (), args, **meta)  # fast path
         kernel[grid](*args, **meta)  # Triton's own launch, for comparison

@@ -129,6 +129,17 @@ def _lmq_case(m=37, k=192, g=2, dtype=torch.bfloat16):
     return x, mod[:, :k], mod[:, k:2 * k], rows
 
 
+def test_row_chunks_cover_a_row_with_the_fewest_padding_lanes():
+    from qkernels.triton.fused import row_chunks
+
+    assert row_chunks(3072) == (3, 1024)  # Qwen-Image's width: no padding (a 4096 tile pads 1024)
+    assert row_chunks(12288) == (3, 4096)  # its MLP
+    assert row_chunks(8192) == (2, 4096) and row_chunks(16000) == (4, 4096)
+    assert row_chunks(203) == (1, 256) and row_chunks(320) == (3, 128)
+    assert row_chunks(16500) == (0, 4096)  # past four 4096-wide chunks: the kernel refuses it
+    assert row_chunks(3072, chunked=False) == (1, 4096)
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 # the row as 3 exact chunks (192 = 3 x 64), 3 with padding lanes, 2 exact, 4 with padding

@@ -101,45 +101,27 @@ def test_quantize_non_finite_rows(fp8):
     assert torch.isnan(rs[1]) and torch.isnan(rs[4]) and (rs[keep] == 0.05).all()
 
 
-def test_row_chunks_cover_a_row_with_the_fewest_padding_lanes():
-    from qkernels.triton.quant import row_chunks
-
-    assert row_chunks(3072) == (3, 1024)  # Qwen-Image's width: no padding (a 4096 tile pads 1024)
-    assert row_chunks(12288) == (3, 4096)  # its MLP
-    assert row_chunks(8192) == (2, 4096) and row_chunks(16000) == (4, 4096)
-    assert row_chunks(203) == (1, 256) and row_chunks(320) == (3, 128)
-    assert row_chunks(16500) == (0, 4096)  # past four 4096-wide chunks: two passes over K
-    assert row_chunks(3072, chunked=False) == (1, 4096)
-
-
-def _chunk_edge_activation(k: int) -> torch.Tensor:
-    """Rows whose abs-max sits where a chunked kernel could miss it: row j at the first column of
-    chunk j (one row per chunk), then the last column; an all-zero row; a row so small that
-    amax / 448 is under 2^-126 (the scale floor keeps its reciprocal finite)."""
-    from qkernels.triton.quant import row_chunks
-
-    n, c = row_chunks(k)
-    edges = [j * c for j in range(n)] or [k // 2]
-    x = torch.randn(len(edges) + 3, k)
-    for j, col in enumerate(edges + [k - 1]):
+def _edge_activation(k: int) -> torch.Tensor:
+    """Rows whose abs-max sits where a blocked kernel could miss it: the first column, the last
+    (a padded tile's last real lane), the middle, and each 4096-wide block's first column (the
+    two-pass kernel); an all-zero row; a row so small that amax / 448 is under 2^-126 (the scale
+    floor keeps its reciprocal finite)."""
+    edges = sorted({0, k // 2, k - 1, *range(4096, k, 4096)})
+    x = torch.randn(len(edges) + 2, k)
+    for j, col in enumerate(edges):
         x[j, col] = 40.0 if j % 2 else -40.0
     x[-2] = 0
     x[-1] = torch.randn(k) * 1e-37
     return x
 
 
-@pytest.mark.parametrize("chunked", [True, False], ids=["chunks", "one-tile"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
-@pytest.mark.parametrize("k", [192, 320, 7000, 8192, 16000, 16500])
-def test_quantize_per_token_chunked_rows_bit_exact(k, fp8, chunked, monkeypatch):
-    """Every row layout of the per-token kernel (one, two, three or four chunks, exact or with
-    padding lanes, or one power-of-two tile; two passes past 16384) against the reference, with
-    the amax placed at the chunk edges: a kernel that dropped a chunk from the amax gets a row's
-    scale wrong."""
-    from qkernels.triton import quant
-
-    monkeypatch.setitem(quant.TUNING, "quant_chunked", chunked)
-    x = _chunk_edge_activation(k).to(DEV)
+@pytest.mark.parametrize("k", [192, 320, 7000, 16000, 16500])
+def test_quantize_per_token_rows_bit_exact(k, fp8):
+    """The per-token kernel's row layouts (one power-of-two tile with padding lanes up to 16384,
+    two passes past it) against the reference, the amax placed at the block edges: a kernel that
+    dropped a block from the amax gets that row's scale wrong."""
+    x = _edge_activation(k).to(DEV)
     q, s = kt.quantize_per_token(x, None, fp8)
     q_ref, s_ref = formats.quantize_per_token(x, FMT[fp8])
     assert same_bits(s, s_ref) and same_bits(q, q_ref)

@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .quant import _store_quantized, row_amax, row_chunks, token_scale
+from .quant import _store_quantized, row_amax, token_scale
 from ._common import (
-    INTERPRET, INTERPRET_C, check_2d, check_device, make_launcher, next_power_of_2, round_fp32_to_bf16_grid,
+    INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, make_launcher, next_power_of_2, round_fp32_to_bf16_grid,
     round_to_dtype,
 )
 
-__all__ = ["layernorm_modulate_quant", "qk_norm_rope"]
+__all__ = ["layernorm_modulate_quant", "qk_norm_rope", "row_chunks"]
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -48,7 +48,7 @@ _ROUND_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Launch choices benchmarks.fused_kernels measures on a GPU: warps per row of the LayerNorm kernel
 # (None: a warp per 1024 elements, 4..16) and whether it holds the row as exact chunks
-# (``quant.row_chunks``; False: one power-of-two tile, as before chunking), warps per token of the
+# (``row_chunks``; False: one power-of-two tile, as before chunking), warps per token of the
 # RoPE kernel, and whether it reads contiguous [heads, D] tiles and splits the pairs in registers
 # (True) or reads even / odd elements apart. Set from the H200 (benchmarks/results/h200/run5,
 # M = 8,400): split pair loads 83 us against 825 us strided (3.7 against 0.36 TB/s); the
@@ -61,6 +61,26 @@ TUNING = {"lmq_warps": 4, "lmq_chunked": True, "qk_warps": 4, "qk_split": True}
 
 # --------------------------------------------------------------------------------------------
 # LayerNorm (no affine) -> x * (1 + scale[g]) + shift[g] -> per-token 8-bit quantization
+
+_MAX_CHUNKS = 4
+_MAX_CHUNK = 4096
+
+
+def row_chunks(k: int, chunked: bool = True) -> tuple[int, int]:
+    """``(NCHUNK, CHUNK)``: a row of ``k`` as NCHUNK <= 4 power-of-two pieces of CHUNK <= 4096
+    elements covering it with the fewest padding lanes (then the fewest pieces; K = 3072 is
+    3 x 1024, where one 4096-wide tile issues a third more instructions for padding lanes);
+    ``(0, 4096)`` for rows too long for that. ``chunked=False``: one power-of-two tile."""
+    if not chunked:
+        block = next_power_of_2(k)
+        return (1, block) if block <= _MAX_CHUNK * _MAX_CHUNKS else (0, _MAX_CHUNK)
+    best = None
+    for n in range(1, _MAX_CHUNKS + 1):
+        c = next_power_of_2(cdiv(k, n))
+        if c <= _MAX_CHUNK and (best is None or n * c < best[0] * best[1]):
+            best = (n, c)
+    return best if best is not None else (0, _MAX_CHUNK)
+
 
 
 @triton.jit
@@ -101,7 +121,7 @@ def _layernorm_modulate_quant_kernel(
     QMAX: tl.constexpr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr, ROUND: tl.constexpr,
     CHUNK: tl.constexpr, NCHUNK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One row per program, held in registers as NCHUNK pieces of CHUNK (``quant.row_chunks``),
+    """One row per program, held in registers as NCHUNK pieces of CHUNK (``row_chunks``),
     written out piece by piece since a loop cannot keep them. Every load (the row and its
     modulation row) is issued before the first reduction, whose barrier would otherwise hold the
     later loads back: one memory round trip a program, not one per reduction (run 9: the

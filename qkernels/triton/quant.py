@@ -17,13 +17,12 @@ rate. A row kernel this cheap is issue-bound as soon as it spends ~20 instructio
   instructions and a slow-path check on CUDA).
 
 With those (~10 instructions an element) the pass runs at 85-98% of the copy rate (H200, run 9:
-24.7 us at K = 3072, 77.6 us at K = 12288). A row can also be held as up to four CHUNK-wide
-pieces (``row_chunks``: K = 3072 is 3 x 1024, no padding lanes), every load issued before the
-first reduction; for this pass the single power-of-two tile measured faster (padding lanes cost
-nothing once it is memory-bound), so ``TUNING`` picks it; the LayerNorm kernel of ``fused.py``,
-which spends ~3x the instructions, is chunked.
+24.7 us at K = 3072, 77.6 us at K = 12288), a row held as one power-of-two tile: its padding
+lanes cost nothing once the pass is memory-bound. (Holding the row as exact chunks, as the
+LayerNorm kernel of ``fused.py`` does at ~3x the instructions, measured slower here: 29.7-39 us
+at K = 3072.)
 
-Rows longer than four 4096-wide chunks take two passes over K, the second mostly from L2.
+Rows longer than 16384 take two passes over K in 4096-wide blocks, the second mostly from L2.
 """
 
 from __future__ import annotations
@@ -38,32 +37,17 @@ from ._common import (
     rint_clamp_int8, soft_e4m3_bits,
 )
 
-__all__ = ["quantize_per_token", "quantize_per_tensor", "row_chunks"]
+__all__ = ["quantize_per_token", "quantize_per_tensor"]
 
-_MAX_CHUNKS = 4
-_MAX_CHUNK = 4096
+_SINGLE_PASS_MAX_K = 16384
+_BLOCK_K = 4096  # two-pass rows, and the per-tensor kernel
+# formats.MIN_ACTIVATION_SCALE, as a constant the kernels can read
+_MIN_SCALE = tl.constexpr(formats.MIN_ACTIVATION_SCALE)
 
 # Launch choices benchmarks.fused_kernels measures on a GPU (None: the rule in _launch_shape):
-# rows per program and warps per program of the per-token kernel, and whether rows are held as
-# exact chunks (True) or as one power-of-two tile (False). H200, run 9 (M = 8,400, chunk loads
-# still serialized by the reductions then): one tile at 4 warps 24.7 us at K = 3072 (90% of the
-# copy rate), 8 warps 78.3 us at K = 12288 (98%); chunked 29.7 / 90.4 us.
-TUNING = {"quant_rows": None, "quant_warps": None, "quant_chunked": False}
-
-
-def row_chunks(k: int, chunked: bool = True) -> tuple[int, int]:
-    """``(NCHUNK, CHUNK)``: a row of ``k`` as NCHUNK <= 4 power-of-two pieces of CHUNK <= 4096
-    elements covering it with the fewest padding lanes (then the fewest pieces); ``(0, 4096)``
-    for rows too long for that (two passes). ``chunked=False``: one power-of-two tile."""
-    if not chunked:
-        block = next_power_of_2(k)
-        return (1, block) if block <= _MAX_CHUNK * _MAX_CHUNKS else (0, _MAX_CHUNK)
-    best = None
-    for n in range(1, _MAX_CHUNKS + 1):
-        c = next_power_of_2(cdiv(k, n))
-        if c <= _MAX_CHUNK and (best is None or n * c < best[0] * best[1]):
-            best = (n, c)
-    return best if best is not None else (0, _MAX_CHUNK)
+# rows and warps per program of the per-token kernel. H200, run 9 (M = 8,400): one row at 4
+# warps 24.7 us at K = 3072 (90% of the copy rate), 8 warps 77.6-78.3 us at K = 12288 (98%).
+TUNING = {"quant_rows": None, "quant_warps": None}
 
 
 @triton.jit
@@ -79,12 +63,8 @@ def _store_quantized(q_ptrs, mask, q, FP8: tl.constexpr, SOFT_FP8: tl.constexpr,
 
 
 @triton.jit
-def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr,
-                   EVEN_K: tl.constexpr):
-    if EVEN_K:  # cols < K by construction: a row mask only
-        mask = (rows[:, None] < M) & (cols[None, :] >= 0)
-    else:
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
+def _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0)
@@ -112,7 +92,7 @@ def row_amax(x, AXIS: tl.constexpr):
 def token_scale(amax, QMAX: tl.constexpr):
     """``formats.quantize_per_token``'s scale: amax / qmax, at least 2^-126
     (``formats.MIN_ACTIVATION_SCALE``: its reciprocal is finite), 1.0 for an all-zero row, NaN for a NaN amax."""
-    s = tl.maximum(tl.math.div_rn(amax, QMAX), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+    s = tl.maximum(tl.math.div_rn(amax, QMAX), _MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
     return tl.where(amax == 0, 1.0, s)
 
 
@@ -120,47 +100,25 @@ def token_scale(amax, QMAX: tl.constexpr):
 def _quantize_per_token_kernel(
     x_ptr, smooth_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
     QMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, SOFT_FP8: tl.constexpr,
-    ROWS: tl.constexpr, CHUNK: tl.constexpr, NCHUNK: tl.constexpr, EVEN_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, CHUNK)
+    cols = tl.arange(0, BLOCK_K)
     q_ptrs = q_ptr + rows[:, None] * stride_qm + cols[None, :]
-    if NCHUNK == 0:  # long rows: the amax over K, then K again (mostly from L2)
+    if SINGLE_PASS:  # the row in registers
+        x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH)
+        scale = token_scale(row_amax(x, 1), QMAX)
+        _store_quantized(q_ptrs, mask, x * tl.math.div_rn(1.0, scale)[:, None], FP8, SOFT_FP8, QMAX)
+    else:  # long rows: the amax over K, then K again (mostly from L2)
         amax = tl.zeros((ROWS,), dtype=tl.float32)
-        for k0 in range(0, K, CHUNK):
-            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH, False)
+        for k0 in range(0, K, BLOCK_K):
+            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH)
             amax = _nanmax(amax, row_amax(x, 1))
         scale = token_scale(amax, QMAX)
         inv = tl.math.div_rn(1.0, scale)[:, None]
-        for k0 in range(0, K, CHUNK):
-            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH, False)
+        for k0 in range(0, K, BLOCK_K):
+            x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH)
             _store_quantized(q_ptrs + k0, mask, x * inv, FP8, SOFT_FP8, QMAX)
-    else:  # the row in registers, as NCHUNK pieces (written out: a loop cannot keep them)
-        # Every load before the first reduction: a reduction's barrier would otherwise hold the
-        # next piece's load back, one memory round trip a piece (measured: run 9).
-        x0, m0 = _load_smoothed(x_ptr, smooth_ptr, rows, cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
-        if NCHUNK > 1:
-            x1, m1 = _load_smoothed(x_ptr, smooth_ptr, rows, CHUNK + cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
-        if NCHUNK > 2:
-            x2, m2 = _load_smoothed(x_ptr, smooth_ptr, rows, 2 * CHUNK + cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
-        if NCHUNK > 3:
-            x3, m3 = _load_smoothed(x_ptr, smooth_ptr, rows, 3 * CHUNK + cols, M, K, stride_xm, HAS_SMOOTH, EVEN_K)
-        amax = row_amax(x0, 1)
-        if NCHUNK > 1:
-            amax = _nanmax(amax, row_amax(x1, 1))
-        if NCHUNK > 2:
-            amax = _nanmax(amax, row_amax(x2, 1))
-        if NCHUNK > 3:
-            amax = _nanmax(amax, row_amax(x3, 1))
-        scale = token_scale(amax, QMAX)
-        inv = tl.math.div_rn(1.0, scale)[:, None]
-        _store_quantized(q_ptrs, m0, x0 * inv, FP8, SOFT_FP8, QMAX)
-        if NCHUNK > 1:
-            _store_quantized(q_ptrs + CHUNK, m1, x1 * inv, FP8, SOFT_FP8, QMAX)
-        if NCHUNK > 2:
-            _store_quantized(q_ptrs + 2 * CHUNK, m2, x2 * inv, FP8, SOFT_FP8, QMAX)
-        if NCHUNK > 3:
-            _store_quantized(q_ptrs + 3 * CHUNK, m3, x3 * inv, FP8, SOFT_FP8, QMAX)
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
@@ -176,7 +134,7 @@ def _quantize_per_tensor_kernel(
     # sum(x * 0) is 0 for a finite row and NaN for one holding NaN/Inf: the row-scale poison.
     poison = tl.zeros((ROWS,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH, False)
+        x, mask = _load_smoothed(x_ptr, smooth_ptr, rows, k0 + cols, M, K, stride_xm, HAS_SMOOTH)
         poison += tl.sum(x * 0.0, axis=1)
         q = tl.math.div_rn(x, s)
         _store_quantized(q_ptr + rows[:, None] * stride_qm + (k0 + cols)[None, :], mask, q, FP8, SOFT_FP8, QMAX)
@@ -192,17 +150,16 @@ def _prev_power_of_2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _launch_shape(m: int, k: int) -> tuple[int, int, int, int]:
-    """(ROWS, NCHUNK, CHUNK, num_warps) of the per-token kernel: ~4096 elements a program, a warp
-    per 2048 of them (4..16) on CUDA; under the interpreter many rows per program, since each program
-    costs Python overhead, not registers. ``TUNING`` overrides the rows and warps."""
-    nchunk, chunk = row_chunks(k, TUNING["quant_chunked"])
-    width = max(nchunk, 1) * chunk
+def _launch_shape(m: int, k: int, max_block_k: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_K, num_warps): ~4096 elements a program and a warp per 2048 of them (4..16)
+    on CUDA (``TUNING`` overrides the rows and warps); under the interpreter many rows per
+    program, since each program costs Python overhead, not registers."""
+    block_k = min(next_power_of_2(k), max_block_k)
     if INTERPRET:
-        return min(next_power_of_2(m), 32), nchunk, chunk, 4
-    rows = TUNING["quant_rows"] or max(1, min(next_power_of_2(m), _prev_power_of_2(4096 // width)))
-    warps = TUNING["quant_warps"] or min(16, max(4, _prev_power_of_2(rows * width // 2048)))
-    return rows, nchunk, chunk, warps
+        return min(next_power_of_2(m), 32), block_k, 4
+    rows = TUNING["quant_rows"] or max(1, min(next_power_of_2(m), 4096 // block_k))
+    warps = TUNING["quant_warps"] or min(16, max(4, _prev_power_of_2(rows * block_k // 2048)))
+    return rows, block_k, warps
 
 
 def _outputs(x: torch.Tensor, fp8: bool):
@@ -232,12 +189,13 @@ def quantize_per_token(
     q, q_arg, scale = _outputs(x, fp8)
     if m == 0:
         return q, scale
-    rows, nchunk, chunk, warps = _launch_shape(m, k)
+    single = next_power_of_2(k) <= _SINGLE_PASS_MAX_K
+    rows, block_k, warps = _launch_shape(m, k, _SINGLE_PASS_MAX_K if single else _BLOCK_K)
     _launch_per_token(
         (cdiv(m, rows),), (),
         (x, smooth if smooth is not None else scale, q_arg, scale, m, k, x.stride(0), q.stride(0)),
         QMAX=_QMAX[fp8], HAS_SMOOTH=smooth is not None, FP8=fp8, SOFT_FP8=fp8 and INTERPRET,
-        ROWS=rows, CHUNK=chunk, NCHUNK=nchunk, EVEN_K=nchunk * chunk == k, num_warps=warps,
+        ROWS=rows, BLOCK_K=block_k, SINGLE_PASS=single, num_warps=warps,
     )
     return q, scale
 
@@ -256,7 +214,8 @@ def quantize_per_tensor(
     q, q_arg, row_scale = _outputs(x, fp8)
     if m == 0:
         return q, row_scale
-    block_k = min(next_power_of_2(k), _MAX_CHUNK)
+    # not measured on a GPU since the per-token kernel's warps were: its launch shape as before
+    block_k = min(next_power_of_2(k), _BLOCK_K)
     rows = min(next_power_of_2(m), 32) if INTERPRET else max(1, min(next_power_of_2(m), 4096 // block_k))
     warps = 4 if INTERPRET else min(16, max(4, rows * block_k // 512))
     _launch_per_tensor(

@@ -81,23 +81,22 @@ def get_format(name: str | Format) -> Format:
         raise InputError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
 
 
-def _row_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    # `amax == 0` rather than `amax > 0`: a NaN amax must give a NaN scale, not a finite one.
-    # Divide by a tensor, not the Python float: CUDA torch turns `tensor / scalar` into a multiply
-    # by the rounded reciprocal (CPU divides), so scales would depend on the device (seen on H100:
-    # per-token scales 1 ulp off the CPU ones, and off the kernels' IEEE division).
-    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, qmax))
-
-
 # The smallest normal fp32: a per-token activation scale is never below it, so its reciprocal is
 # finite (a row whose amax is under 448 * 2^-126 would otherwise get an infinite one, and 0 * inf
 # is NaN).
 MIN_ACTIVATION_SCALE = 2.0 ** -126
 
 
-def _token_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    s = torch.maximum(amax / torch.full_like(amax, qmax), torch.full_like(amax, MIN_ACTIVATION_SCALE))
-    return torch.where(amax == 0, torch.ones_like(amax), s)  # maximum propagates a NaN amax
+def _row_scale(amax: torch.Tensor, qmax: float, floor: float | None = None) -> torch.Tensor:
+    """amax / qmax (at least ``floor``), 1.0 where amax is 0, NaN where amax is NaN."""
+    # `amax == 0` rather than `amax > 0`: a NaN amax must give a NaN scale, not a finite one.
+    # Divide by a tensor, not the Python float: CUDA torch turns `tensor / scalar` into a multiply
+    # by the rounded reciprocal (CPU divides), so scales would depend on the device (seen on H100:
+    # per-token scales 1 ulp off the CPU ones, and off the kernels' IEEE division).
+    s = amax / torch.full_like(amax, qmax)
+    if floor is not None:
+        s = torch.maximum(s, torch.full_like(s, floor))  # maximum propagates a NaN amax
+    return torch.where(amax == 0, torch.ones_like(amax), s)
 
 
 def _cast(q: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -176,7 +175,7 @@ def quantize_per_token(
     """
     fmt = get_format(fmt)
     xf = _smoothed(x, smooth)
-    scale = _token_scale(_abs_max(xf, -1), fmt.qmax)
+    scale = _row_scale(_abs_max(xf, -1), fmt.qmax, MIN_ACTIVATION_SCALE)
     inv = torch.ones_like(scale) / scale  # an IEEE division (tensor / tensor, on CPU and CUDA)
     return _cast(xf * inv[..., None], fmt), scale  # a fresh tensor: x.float() may be x itself
 

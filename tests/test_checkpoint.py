@@ -346,6 +346,10 @@ def test_layer_map_that_does_not_fit_the_model_refused(saved, tmp_path):
     rewrite(ck, edit_config=lambda c: c["layers"][name].update(in_features=c["layers"][name]["in_features"] + 1))
     with pytest.raises(CheckpointError, match=f"{name} is Linear .* quantized Linear in the config"):
         load_quantized(ck)
+    ck = copy_checkpoint(saved, tmp_path / "e")
+    rewrite(ck, edit_config=lambda c: c["layers"][name].update(bias_dtype="load"))  # a torch attribute, not a dtype
+    with pytest.raises(CheckpointError, match=f"{name} has an unknown bias dtype 'load'"):
+        load_quantized(ck)
 
 
 def test_pickle_refused(tmp_path, tiny_demo):

@@ -108,7 +108,6 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
     if n == 0 or k == 0:
         return out
     block = min(_DEQUANT_BLOCK, next_power_of_2(k))
-    _dequantize_weight_launch((n, cdiv(k, block)), (), (q, scale.float(), out, n, k, q.stride(0), out.stride(0)),
+    _dequantize_weight_launch((n, cdiv(k, block)), (), (q, scale, out, n, k, q.stride(0), out.stride(0)),
                               BLOCK=block, num_warps=4)
     return out
-

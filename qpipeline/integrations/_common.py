@@ -201,15 +201,16 @@ def replace_on_meta(model: nn.Module, layers: dict[str, dict], where: str) -> No
         if spec.get("format") not in formats.FORMATS:
             raise CheckpointError(f"{where}: {name} has an unknown format {spec.get('format')!r}")
         bias = spec.get("bias_dtype")
-        backend = spec.get("backend", "auto")
+        bias_dtype = getattr(torch, str(bias), None) if bias else torch.bfloat16
+        if not isinstance(bias_dtype, torch.dtype):
+            raise CheckpointError(f"{where}: {name} has an unknown bias dtype {bias!r}")
+        args = (spec["in_features"], spec["out_features"], bias is not None)
+        kw = dict(format=spec["format"], static=bool(spec.get("static")), smooth=bool(spec.get("smooth")),
+                  bias_dtype=bias_dtype, device="meta")
         try:
-            q = QuantLinear(spec["in_features"], spec["out_features"], bias is not None, format=spec["format"],
-                            backend=backend, static=bool(spec.get("static")), smooth=bool(spec.get("smooth")),
-                            bias_dtype=getattr(torch, bias) if bias else torch.bfloat16, device="meta")
+            q = QuantLinear(*args, backend=spec.get("backend", "auto"), **kw)
         except qkernels.QKernelsError:  # a backend unknown here: the format decides, auto computes it
-            q = QuantLinear(spec["in_features"], spec["out_features"], bias is not None, format=spec["format"],
-                            static=bool(spec.get("static")), smooth=bool(spec.get("smooth")),
-                            bias_dtype=getattr(torch, bias) if bias else torch.bfloat16, device="meta")
+            q = QuantLinear(*args, **kw)
         parent, attr = _parent(model, name)
         parent._modules[attr] = q
 

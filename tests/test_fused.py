@@ -31,15 +31,16 @@ FMTS = ["w8a8-int8", "w8a8-fp8"]
 
 
 def _exact_or_one_step(a: torch.Tensor, b: torch.Tensor, frac: float = 1e-3, exact: bool = True) -> None:
-    """Equal on CPU (``exact``); on CUDA at most one grid step apart in at most ``frac`` of the
-    entries."""
+    """Equal on CPU (``exact``); on CUDA, in at most ``frac`` of the entries, one grid step apart
+    for 8-bit values and up to two (2^-6 relative) for bf16 outputs: the bound the GPU runs
+    passed with, not tightened to one step without a GPU run to show it holds."""
     if exact and not a.is_cuda:
         assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                            b.view(torch.uint8) if b.element_size() == 1 else b)
         return
     diff = (a.float() - b.float()).abs()
-    # one grid step of the dtype at the larger magnitude: e4m3 2^-3 relative (4 significant bits)
-    # or its subnormal spacing 2^-9, int8 1; bf16 outputs 2^-6 (a step of 2^-7, as before, doubled)
+    # a grid step of the dtype at the larger magnitude: e4m3 2^-3 relative (4 significant bits)
+    # or its subnormal spacing 2^-9, int8 1; bf16 2^-7 (8 significant bits), allowed twice
     rel, absolute = {torch.float8_e4m3fn: (2**-3, 2**-9), torch.int8: (0.0, 1.0)}.get(a.dtype, (2**-6, 1e-30))
     step = torch.maximum(a.float().abs(), b.float().abs()) * rel + absolute
     assert ((diff > 0).float().mean() <= frac) and bool((diff <= step).all())

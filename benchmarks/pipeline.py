@@ -20,7 +20,7 @@ one built pipeline serves them all):
     engine-bf16-batched-cfg  + cond/uncond in one batch-2 forward (cfg > 1 only)
     engine-bf16-cache        + embedding cache (a fill call first; the timed calls hit)
     engine-fp8               transformer quantized in place (--quant-backend, w8a8-fp8), text
-                             encoder int8 weight-only (--text-encoder-backend: or W8A8)
+                             encoder int8 weight-only (--text-encoder-backend: W8A8 or bf16)
     engine-fp8-batched-cfg, engine-fp8-cache
     checkpoint-load          save_quantized of the fp8 transformer, files read once (page cache),
                              then load_quantized timed, with and without sha256 verification

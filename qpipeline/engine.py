@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from qkernels import formats, list_backends
 from qkernels.capabilities import device_reason
 from qkernels.errors import BackendUnavailableError, CheckpointError, InputError
 
@@ -60,10 +61,13 @@ from .recipe import get_recipe
 
 __all__ = ["Engine"]
 
-# Weight-only (upcast per call; what the 24 GB mode quantizes on the CPU) or W8A8 (8-bit GEMMs,
-# quantized on the device: no upcast, but each Linear call also quantizes its input).
-_TEXT_ENCODER_WEIGHT_ONLY = ("int8-layerwise", "fp8-layerwise")
-_TEXT_ENCODER_BACKENDS = _TEXT_ENCODER_WEIGHT_ONLY + ("fp8-triton", "fp8-scaled-mm", "int8-triton", "int8-torch")
+def _text_encoder_backends() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weight-only, W8A8) names of the registered quantizing backends: weight-only upcasts per
+    call (what the 24 GB mode quantizes on the CPU); W8A8 runs 8-bit GEMMs, quantized on the
+    device (no upcast, but each Linear call also quantizes its input)."""
+    quantizing = [b for b in list_backends() if b.format in formats.FORMATS]
+    return (tuple(b.name for b in quantizing if not formats.get_format(b.format).quantizes_activations),
+            tuple(b.name for b in quantizing if formats.get_format(b.format).quantizes_activations))
 LORA_NAME = "engine"
 
 
@@ -75,9 +79,8 @@ class Engine:
     when quantizing at load (default ``qwen-image``: embedders, time embedding, ``norm_out``
     and ``proj_out`` stay bf16). ``quantize_text_encoder``: False, True (``int8-layerwise``),
     ``"fp8-layerwise"`` (weight-only 8-bit storage for the text encoder's Linear layers: half its
-    memory, one upcast per layer call; it runs once per prompt, not per step) or a W8A8 backend
-    (``"fp8-triton"``, ``"fp8-scaled-mm"``, ``"int8-triton"``, ``"int8-torch"``: 8-bit GEMMs, not
-    with ``offload``).
+    memory, one upcast per layer call; it runs once per prompt, not per step) or any W8A8 backend
+    (``"fp8-scaled-mm"``, ``"fp8-triton"``, ...: 8-bit GEMMs, not with ``offload``).
     ``attention``: None (the model's own), "int8-fp8" or "bf16": qkernels' processor for the
     transformer's joint attention, set after loading.
     """
@@ -102,12 +105,13 @@ class Engine:
             raise InputError("backend 'bf16' computes unquantized weights; it cannot run a quantized checkpoint")
         if quantize_text_encoder is True:
             quantize_text_encoder = "int8-layerwise"
-        if quantize_text_encoder and quantize_text_encoder not in _TEXT_ENCODER_BACKENDS:
-            raise InputError(f"quantize_text_encoder must be False, True or one of {', '.join(_TEXT_ENCODER_BACKENDS)}, "
+        weight_only, w8a8 = _text_encoder_backends()
+        if quantize_text_encoder and quantize_text_encoder not in weight_only + w8a8:
+            raise InputError(f"quantize_text_encoder must be False, True or one of {', '.join(weight_only + w8a8)}, "
                              f"got {quantize_text_encoder!r}")
-        if offload and quantize_text_encoder and quantize_text_encoder not in _TEXT_ENCODER_WEIGHT_ONLY:
+        if offload and quantize_text_encoder and quantize_text_encoder not in weight_only:
             raise InputError(f"offload=True quantizes the text encoder on the CPU, where {quantize_text_encoder!r} "
-                             f"cannot run: use one of {', '.join(_TEXT_ENCODER_WEIGHT_ONLY)}")
+                             f"cannot run: use one of {', '.join(weight_only)}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if reason := device_reason(device):  # now, not as an AssertionError deep inside load()
             raise BackendUnavailableError(f"Engine(device={str(device)!r}): {reason}")

@@ -6,9 +6,9 @@
 The pipeline is benchmarks.pipeline's full-size Qwen-Image-Edit with SEEDED RANDOM WEIGHTS (speed
 and memory are the real model's; images mean nothing). The camera is generated and seeded: a
 "moving" scene (a smooth texture panning 2 px per frame and a square crossing it) and a "still"
-scene (one frame repeated). A camera thread submits ``--frames`` frames at ``--fps`` (default 30,
-faster than the GPU: the editor's latest-frame-wins slot drops what it cannot take); a result is
-counted when it comes out of ``results()``.
+scene (one frame repeated). A camera thread submits frames at ``--fps`` (default 30, faster than
+the GPU: the editor's latest-frame-wins slot drops what it cannot take) for ``--seconds`` (default
+8; or ``--frames`` frames); a result is counted when it comes out of ``results()``.
 
 Variants (in this order; quantizing is in place, so bf16 runs first):
     plain-bf16                  one frame through all its steps, bf16 transformer (the baseline)
@@ -18,10 +18,13 @@ Variants (in this order; quantizing is in place, so bf16 runs first):
                                 --vlm-every frames
     batch-skip-reuse-fused-graphs-quant  + the fused block path and CUDA graphs (CUDA only)
 
-Columns per (variant, scene, size): ``fps`` (results / seconds from the first frame in to the last
-result out), ``latency_p50_ms`` / ``latency_p95_ms`` (frame in to result out, every result),
+Columns per (variant, scene, size): ``fps``, the steady rate a viewer sees: (results - 1) / seconds
+from the first result out to the last; ``fps_overall``: results / seconds from the first frame in
+to the last result out (it also counts the pipeline's fill, ``first_result_ms``, so a short camera
+run understates the rate: run 6's 40-frame runs measured this one); ``latency_p50_ms`` / ``latency_p95_ms`` (frame in to result out, every result),
 ``computed_p95_ms`` (results that were computed, not skipped), ``peak_gb``, ``skip_rate``,
-``dropped``, ``rows_per_forward``, ``encodes``; ``fps_vs_plain_bf16``; ``output_change`` and
+``dropped``, ``rows_per_forward``, ``encodes``; ``fps_vs_plain_bf16``; ``host_ms_<stage>``: host milliseconds
+per worker tick in each stage of ``qpipeline.stream.STAGES`` (``tick_ms``: their sum); ``output_change`` and
 ``input_change``: mean |difference| of consecutive outputs / inputs on [0, 1] pixels (the still
 scene with skip off is the coherence check: < 1e-3); ``psnr_vs_vlm_every_frame`` (rows with VLM
 reuse, moving scene): the quality cost of reusing the embedding, from an inline run of
@@ -47,9 +50,10 @@ from .pipeline import PROMPT, build_pipeline
 
 COLUMNS = [
     "bench", "variant", "status", "model", "scene", "size", "steps", "frames", "camera_fps", "results", "fps",
-    "fps_vs_plain_bf16", "latency_p50_ms", "latency_p95_ms", "computed_p95_ms", "peak_gb", "skip_rate", "dropped",
+    "fps_vs_plain_bf16", "fps_overall", "first_result_ms", "latency_p50_ms", "latency_p95_ms", "computed_p95_ms", "peak_gb", "skip_rate", "dropped",
     "rows_per_forward", "encodes", "output_change", "input_change", "psnr_vs_vlm_every_frame", "vlm_every",
-    "threshold", "note",
+    "threshold", "tick_ms", "host_ms_prepare", "host_ms_vlm", "host_ms_vae_encode", "host_ms_forward", "host_ms_decode",
+    "host_ms_finish", "note",
 ]
 VARIANTS = ["plain-bf16", "plain-quant", "batch-quant", "batch-skip-reuse-quant", "batch-skip-reuse-fused-graphs-quant"]
 SCENES = ["moving", "still"]
@@ -103,12 +107,12 @@ class Run:
         if row.get("status") == "ok":
             if row["variant"] == "plain-bf16":
                 self.base_fps[key] = row["fps"]
-            if key in self.base_fps and row.get("fps"):
+            if self.base_fps.get(key) and row.get("fps"):
                 row["fps_vs_plain_bf16"] = row["fps"] / self.base_fps[key]
         self.rows.append(row)
         harness.write_results(self.args.out, "stream", self.rows, self.env, COLUMNS)
         msg = row["status"] if row["status"] != "ok" else (
-            f"{row['fps']:.2f} frames/s  p50 {row['latency_p50_ms']:.0f} ms  p95 {row['latency_p95_ms']:.0f} ms  "
+            f"{row['fps'] or 0:.2f} frames/s ({row['fps_overall']:.2f} overall)  p50 {row['latency_p50_ms']:.0f} ms  p95 {row['latency_p95_ms']:.0f} ms  "
             f"skip {row['skip_rate']:.0%}  peak {row.get('peak_gb') or 0:.2f} GB")
         print(f"[stream] {row['variant']:<36} {row.get('scene', ''):<7} {row.get('size', '')}^2  {msg}", flush=True)
 
@@ -155,14 +159,20 @@ class Run:
             rep = ed.report()
             lat = [r.latency_ms for r in results]
             computed = [r.latency_ms for r in results if not r.skipped]
-            span = results[-1].t_out - min(r.t_in for r in results)
-            row.update(status="ok", results=len(results), fps=len(results) / span,
+            t0 = min(r.t_in for r in results)
+            span = results[-1].t_out - t0
+            steady = results[-1].t_out - results[0].t_out
+            row.update(status="ok", results=len(results),
+                       fps=(len(results) - 1) / steady if len(results) > 1 and steady > 0 else None,
+                       fps_overall=len(results) / span, first_result_ms=1e3 * (results[0].t_out - t0),
                        latency_p50_ms=_percentile(lat, 0.5), latency_p95_ms=_percentile(lat, 0.95),
                        computed_p95_ms=_percentile(computed, 0.95), skip_rate=rep["skip_rate"],
                        dropped=rep["dropped"], rows_per_forward=rep["rows_per_forward"], encodes=rep["encodes"],
                        output_change=_change([r.image for r in results]),
                        input_change=_change([frames[r.seq] for r in results]),
                        peak_gb=pm.peak / 1e9)
+            stages = {k: v for k, v in rep.items() if k.startswith("host_ms_")}
+            row.update(stages, tick_ms=sum(stages.values()))
             if self.device.type != "cuda":
                 row["note"] = f"CPU memory: {pm.method}; {str(a.dtype).removeprefix('torch.')} pipeline"
             if "reuse" in variant and scene == "moving" and a.quality_frames:
@@ -258,7 +268,9 @@ def build_parser():
     p.add_argument("--variants", default=None, help=f"comma list (default all): {','.join(VARIANTS)}")
     p.add_argument("--sizes", default=None, help="frame sides, comma list (default 256,384,512)")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--frames", type=int, default=None, help="frames the camera sends per run (default 60)")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long the camera runs per run (default 8)")
+    p.add_argument("--frames", type=int, default=None, help="frames the camera sends per run (default: --seconds "
+                   "x --fps; 4 with --quick)")
     p.add_argument("--fps", type=float, default=30.0, help="camera frame rate (default 30)")
     p.add_argument("--vlm-every", type=int, default=8, help="VLM embedding refresh period with reuse (default 8)")
     p.add_argument("--quality-frames", type=int, default=None, help="frames of the reuse quality run (default 16)")
@@ -281,7 +293,10 @@ def main(argv=None) -> int:
     if any(s % 16 for s in args.sizes):
         print(f"error: --sizes must be multiples of 16 (VAE /8 x patch 2), got {args.sizes}", file=sys.stderr)
         return 2
-    args.frames = args.frames or (4 if q else 60)
+    if args.seconds <= 0 or args.fps <= 0:
+        print("error: --seconds and --fps must be > 0", file=sys.stderr)
+        return 2
+    args.frames = args.frames or (4 if q else max(2, round(args.seconds * args.fps)))
     args.quality_frames = args.quality_frames if args.quality_frames is not None else (3 if q else 16)
     args.warmup = args.warmup if args.warmup is not None else (0 if q else args.steps + 1)
     if q and args.device is None:

@@ -50,7 +50,7 @@ Reuse and skipping (each an option):
   previous forward is still on the GPU, and a finished frame's VAE decode is queued there too and
   read back after the next forward is queued (so it overlaps that forward; when nothing is in
   flight it is read at once). Streams are ordered with ``wait_stream`` and ``record_stream``.
-  On the CPU the same code runs in order. (Not yet run on a GPU.)
+  On the CPU the same code runs in order.
 
 Every tick holds the engine's lock, so a stream and the server's HTTP edits interleave per
 forward on one engine. Nothing here is CUDA-graph or compile specific: a transformer prepared by
@@ -78,6 +78,10 @@ from .engine_features import pad_pair
 __all__ = ["StreamEditor", "StreamResult", "StreamClosed"]
 
 SIMILARITY_SIDE = 32  # px of the downscaled copy the similarity is computed on
+# The stages whose host time ``report()`` gives per tick: the frame's preprocessing, upload and
+# similarity (one host sync); the VLM encode; the VAE encode; the transformer forward(s) and Euler
+# steps; queueing the VAE decode; reading decoded images back (waits for the decode).
+STAGES = ("prepare", "vlm", "vae_encode", "forward", "decode", "finish")
 
 
 class StreamClosed(Exception):
@@ -190,7 +194,9 @@ class StreamEditor:
         self._since_encode = 0
         self._skips_in_row = 0
         self._seq = 0
-        self.stats = dict(submitted=0, dropped=0, skipped=0, processed=0, results=0, forwards=0, rows=0, encodes=0)
+        self.stats = dict(submitted=0, dropped=0, skipped=0, processed=0, results=0, forwards=0, rows=0, encodes=0,
+                          ticks=0)
+        self.host_s = dict.fromkeys(STAGES, 0.0)  # host seconds per stage, summed over the ticks
         # threaded front
         self._cond = threading.Condition()
         self._waiting = None  # (seq, frame, t_in): the one slot
@@ -284,6 +290,14 @@ class StreamEditor:
     def _similarity(a, b) -> float:
         return 1.0 - float((a - b).abs().mean()) / 2.0  # pixels in [-1, 1]: mean |a - b| <= 2
 
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_s[stage] += time.perf_counter() - t0
+
     def _side_stream(self):
         return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
 
@@ -322,13 +336,15 @@ class StreamEditor:
                    or (self.vlm_every is not None and self._since_encode >= self.vlm_every)
                    or self._similarity(small, self._embed_small) < self.vlm_threshold)
         if refresh:
-            embeds, mask = pipe.encode_prompt(prompt=self.prompt, image=[cond], device=self.device)
+            with self._timed("vlm"):
+                embeds, mask = pipe.encode_prompt(prompt=self.prompt, image=[cond], device=self.device)
             self._embedding, self._embed_small, self._since_encode = (embeds, mask), small, 0
             self.stats["encodes"] += 1
             encoded = True
         self._since_encode += 1
         embeds, mask = self._embedding
-        image_latents = self._encode_reference(vae_in)
+        with self._timed("vae_encode"):
+            image_latents = self._encode_reference(vae_in)
         timesteps, sigmas = self.schedule_full
         latents = self.noise
         if self.blend and self._last is not None and self._last.latent is not None:
@@ -361,7 +377,8 @@ class StreamEditor:
         self.stats["rows"] += len(rows)
 
     def _finish(self, row: _Row, decoded) -> StreamResult:
-        image = self._decode_finish(decoded)
+        with self._timed("finish"):
+            image = self._decode_finish(decoded)
         res = StreamResult(seq=row.seq, image=image, t_in=row.t_in, t_start=row.t_start, t_out=time.monotonic(),
                            source_seq=row.seq, similarity=row.similarity, encoded=row.encoded, tag=row.tag,
                            latent=row.latents if (self.blend or self.keep_latents) else None)
@@ -401,10 +418,11 @@ class StreamEditor:
                 # On CUDA the frame's upload, similarity (its one host sync), VLM and VAE encode run
                 # on the side stream, overlapping the previous forward still on the GPU.
                 with self._side_stream():
-                    cond, vae_in = self._frame_images(frame)
-                    small = self._small(vae_in)
-                    similarity = None if self._last_frame_small is None else self._similarity(
-                        small, self._last_frame_small)
+                    with self._timed("prepare"):
+                        cond, vae_in = self._frame_images(frame)
+                        small = self._small(vae_in)
+                        similarity = None if self._last_frame_small is None else self._similarity(
+                            small, self._last_frame_small)
                     if self._skip(similarity):
                         self.stats["skipped"] += 1
                         self._ghosts.append((seq, t_in, t_start, similarity, tag))
@@ -419,17 +437,19 @@ class StreamEditor:
             if row is not None:
                 self._rows.append(row)
             if self._rows:
-                if self.batch:
-                    self._forward(self._rows)
-                else:
-                    while self._rows[0].step < self.steps:
+                with self._timed("forward"):
+                    if self.batch:
                         self._forward(self._rows)
+                    else:
+                        while self._rows[0].step < self.steps:
+                            self._forward(self._rows)
             # the decodes queued last tick finish while this tick's forward runs
             results += [self._finish(r, d) for r, d in self._pending]
             self._pending = []
             done = [r for r in self._rows if r.step == self.steps]
             self._rows = [r for r in self._rows if r.step < self.steps]
-            self._pending = [(r, self._decode_launch(r.latents)) for r in done]
+            with self._timed("decode"):
+                self._pending = [(r, self._decode_launch(r.latents)) for r in done]
             if main is None or not self._rows:  # nothing to overlap with: finish now
                 results += [self._finish(r, d) for r, d in self._pending]
                 self._pending = []
@@ -443,6 +463,7 @@ class StreamEditor:
                                             t_out=time.monotonic(), skipped=True, source_seq=last.source_seq,
                                             similarity=similarity, tag=tag))
             results.sort(key=lambda r: r.seq)
+            self.stats["ticks"] += 1
             return results
 
     # --- inline use ----------------------------------------------------------------------------
@@ -572,8 +593,12 @@ class StreamEditor:
             self._out.put(None)
 
     def report(self) -> dict:
-        """Counters plus ``skip_rate`` (skipped / taken frames) and ``rows_per_forward``."""
+        """Counters plus ``skip_rate`` (skipped / taken frames), ``rows_per_forward`` and
+        ``host_ms_<stage>``: mean host milliseconds per tick in each of ``STAGES`` (on CUDA the
+        launches, plus the waits at the two host syncs: the similarity and the image read-back)."""
         s = dict(self.stats)
+        for stage, sec in self.host_s.items():
+            s[f"host_ms_{stage}"] = 1e3 * sec / s["ticks"] if s["ticks"] else 0.0
         taken = s["processed"] + s["skipped"]
         s["skip_rate"] = s["skipped"] / taken if taken else 0.0
         s["rows_per_forward"] = s["rows"] / s["forwards"] if s["forwards"] else 0.0

@@ -343,7 +343,12 @@ def test_stream_quick_writes_its_rows(tmp_path):
             continue
         assert r["status"] == "ok", r
         assert float(r["fps"]) > 0 and 0 < float(r["latency_p50_ms"]) <= float(r["latency_p95_ms"])
-        assert int(r["results"]) >= 1 and float(r["peak_gb"]) > 0
+        assert int(r["results"]) >= 2 and float(r["peak_gb"]) > 0
+        assert float(r["fps_overall"]) > 0 and float(r["first_result_ms"]) > 0
+        # the stages' host times per tick: each measured, the forward's nonzero, tick_ms their sum
+        stages = [float(r[f"host_ms_{st}"]) for st in ("prepare", "vlm", "vae_encode", "forward", "decode", "finish")]
+        assert min(stages) >= 0 and stages[3] > 0 and stages[1] > 0
+        assert float(r["tick_ms"]) == pytest.approx(sum(stages), rel=1e-6)
     # the still scene with skip off: a still output (coherence); with skip on, frames are skipped
     plain_still = got[("plain-bf16", "still")]
     assert plain_still["output_change"] == "" or float(plain_still["output_change"]) < 1e-3

@@ -78,7 +78,10 @@ def test_gemm_epilogue_equals_reference(fmt, epilogue):
         if launch is kt.fp8_gemm_tma and DEV.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
             continue
         out = launch(q, s, w, ws, bias, torch.bfloat16, *args)
-        _exact_or_one_step(out, ref)
+        # Hopper's e4m3 wgmma does not accumulate in full fp32 (DeepSeek-V3 measured ~14 bits kept;
+        # SageAttention2 calls it FP22), so against the exact fp32 sum the bf16 outputs differ in a few
+        # percent of the entries (H200, run 10: 3.4-4.2% at K = 208), each within the two-step bound.
+        _exact_or_one_step(out, ref, frac=0.1 if fmt == "w8a8-fp8" else 1e-3)
     if epilogue == "gated-residual":
         # the check catches a wrong gate row: every token shifted to the next modulation row
         broken = REFS[fmt](q, s, w, ws, bias, torch.bfloat16, False, res, gate, (rows + 1) % 3)

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, ".")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attention_variants as tma_mod  # noqa: E402
 from benchmarks.attention import make_inputs  # noqa: E402
-from qkernels.attention import _attn_tma as tma_mod  # noqa: E402
 from qkernels.attention import int8_fp8_attention as mod  # noqa: E402
 from qkernels.attention import _unmasked_bias  # noqa: E402
 

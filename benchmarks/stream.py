@@ -15,7 +15,7 @@ Variants (in this order; quantizing is in place, so bf16 runs first):
     plain-quant                 the same, the transformer quantized (--quant-backend)
     batch-quant                 + stream batch (frame t step k and frame t+1 step k-1 in one forward)
     batch-skip-reuse-quant      + similar-frame skip (threshold 0.98) and the VLM embedding every
-                                --vlm-every frames
+                                --vlm-every frames (or when the similarity drops below --vlm-threshold)
     batch-skip-reuse-fused-graphs-quant  + the fused block path and CUDA graphs (CUDA only)
 
 Columns per (variant, scene, size): ``fps``, the steady rate a viewer sees: (results - 1) / seconds
@@ -50,10 +50,10 @@ from .pipeline import PROMPT, build_pipeline
 
 COLUMNS = [
     "bench", "variant", "status", "model", "scene", "size", "steps", "frames", "camera_fps", "results", "fps",
-    "fps_vs_plain_bf16", "fps_overall", "first_result_ms", "latency_p50_ms", "latency_p95_ms", "computed_p95_ms", "peak_gb", "skip_rate", "dropped",
-    "rows_per_forward", "encodes", "output_change", "input_change", "psnr_vs_vlm_every_frame", "vlm_every",
-    "threshold", "tick_ms", "host_ms_prepare", "host_ms_vlm", "host_ms_vae_encode", "host_ms_forward", "host_ms_decode",
-    "host_ms_finish", "note",
+    "fps_vs_plain_bf16", "fps_overall", "first_result_ms", "latency_p50_ms", "latency_p95_ms", "computed_p95_ms",
+    "peak_gb", "skip_rate", "dropped", "rows_per_forward", "encodes", "output_change", "input_change",
+    "psnr_vs_vlm_every_frame", "vlm_every", "vlm_threshold", "threshold", "tick_ms", "host_ms_prepare", "host_ms_vlm",
+    "host_ms_vae_encode", "host_ms_forward", "host_ms_decode", "host_ms_finish", "note",
 ]
 VARIANTS = ["plain-bf16", "plain-quant", "batch-quant", "batch-skip-reuse-quant", "batch-skip-reuse-fused-graphs-quant"]
 SCENES = ["moving", "still"]
@@ -119,7 +119,8 @@ class Run:
     def options(self, variant):
         reuse = "reuse" in variant
         return dict(batch=variant.startswith("batch"), threshold=0.98 if reuse else None,
-                    vlm_every=self.args.vlm_every if reuse else 1)
+                    vlm_every=self.args.vlm_every if reuse else 1,
+                    vlm_threshold=self.args.vlm_threshold if reuse else 0.95)
 
     def stream(self, engine, variant, scene, size):
         """One camera run through a threaded editor: (results, editor, frames sent)."""
@@ -153,6 +154,7 @@ class Run:
         a = self.args
         row = dict(bench="stream", variant=variant, model=a.model, scene=scene, size=size, steps=a.steps,
                    frames=a.frames, camera_fps=a.fps, vlm_every=self.options(variant)["vlm_every"],
+                   vlm_threshold=self.options(variant)["vlm_threshold"] if "reuse" in variant else None,
                    threshold=self.options(variant)["threshold"])
         try:
             results, ed, frames, pm = self.stream(engine, variant, scene, size)
@@ -195,7 +197,7 @@ class Run:
         outs = {}
         for every in (1, a.vlm_every):
             ed = StreamEditor(engine, PROMPT, steps=a.steps, size=size, seed=a.seed, output="np", threshold=None,
-                              vlm_every=every, batch=True)
+                              vlm_every=every, vlm_threshold=a.vlm_threshold, batch=True)
             res = [r for f in frames for r in ed.process(f)] + ed.flush()
             outs[every] = [r.image for r in res]
         return min(100.0, statistics.median(_psnr(x, y) for x, y in zip(outs[1], outs[a.vlm_every])))
@@ -273,6 +275,9 @@ def build_parser():
                    "x --fps; 4 with --quick)")
     p.add_argument("--fps", type=float, default=30.0, help="camera frame rate (default 30)")
     p.add_argument("--vlm-every", type=int, default=8, help="VLM embedding refresh period with reuse (default 8)")
+    p.add_argument("--vlm-threshold", type=float, default=0.95,
+                   help="with reuse, also refresh when the frame's similarity to the encoded one drops below "
+                        "this (default 0.95, the editor's; 0: only every --vlm-every frames)")
     p.add_argument("--quality-frames", type=int, default=None, help="frames of the reuse quality run (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames first per run (default steps + 1)")
     p.add_argument("--quant-backend", default="fp8-scaled-mm", help="the transformer's backend for *-quant")

@@ -47,10 +47,12 @@ Reuse and skipping (each an option):
   gives a small change. The first frame (no result yet) runs the full schedule. With stream batch,
   the "last result" is the newest finished one, ``steps - 1`` frames older than in the plain loop.
 * on CUDA, a frame's upload, similarity, VLM and VAE encode run on a second CUDA stream while the
-  previous forward is still on the GPU, and a finished frame's VAE decode is queued there too and
+  previous forward is still on the GPU, and a finished frame's VAE decode is queued on a third and
   read back after the next forward is queued (so it overlaps that forward; when nothing is in
-  flight it is read at once). Streams are ordered with ``wait_stream`` and ``record_stream``.
-  On the CPU the same code runs in order.
+  flight it is read at once). The decode has its own stream because the similarity is read on the
+  host: behind a decode that waits for the forward, that read waited for the forward too (run 10:
+  ~250 ms of host time a tick, the fused + graphs forward's whole GPU time). Streams are ordered
+  with ``wait_stream`` and ``record_stream``. On the CPU the same code runs in order.
 
 Every tick holds the engine's lock, so a stream and the server's HTTP edits interleave per
 forward on one engine. Nothing here is CUDA-graph or compile specific: a transformer prepared by
@@ -240,7 +242,16 @@ class StreamEditor:
         self.schedule_full = self._schedule(1.0)
         self.schedule_blend = self._schedule(1.0 - self.blend) if self.blend else None
         cuda = self.device.type == "cuda"
+        # Two side streams: frames in (upload, similarity, VLM and VAE encode) and images out (VAE
+        # decode, read-back). Apart, the similarity's host sync waits only for the last encode, not
+        # for a decode queued behind the forward still on the GPU.
         self._side = torch.cuda.Stream(self.device) if cuda else None
+        self._out_stream = torch.cuda.Stream(self.device) if cuda else None
+        vae = pipe.vae
+        z = vae.config.z_dim
+        self._latents_mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, vae.dtype)
+        self._latents_inv_std = (1.0 / torch.tensor(vae.config.latents_std)).view(1, z, 1, 1, 1).to(self.device,
+                                                                                                   vae.dtype)
         self._ready = True
 
     def _schedule(self, top: float):
@@ -301,6 +312,9 @@ class StreamEditor:
     def _side_stream(self):
         return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
 
+    def _decode_stream(self):
+        return torch.cuda.stream(self._out_stream) if self._out_stream is not None else contextlib.nullcontext()
+
     def _encode_reference(self, vae_in):
         """Reference latents [1, L_ref, C] (the VAE's argmax, as the pipeline); runs on the stream
         current at the call (the side stream, in ``_step``)."""
@@ -309,22 +323,20 @@ class StreamEditor:
         return self.pipe._pack_latents(lat, 1, self.channels, r, r)
 
     def _decode_launch(self, latents):
-        """Queue the VAE decode of finished latents on the side stream (after the forward that
-        made them); the decoded [1, 3, H, W] tensor, still on the device."""
+        """Queue the VAE decode of finished latents on the output stream (after the forward that
+        made them); the decoded [1, 3, H, W] tensor, still on the device. Nothing here waits on the
+        host: the latents' statistics were put on the device once, in ``_setup``."""
         pipe = self.pipe
-        if self._side is not None:
-            self._side.wait_stream(torch.cuda.current_stream(self.device))
-            latents.record_stream(self._side)
-        with self._side_stream():
+        if self._out_stream is not None:
+            self._out_stream.wait_stream(torch.cuda.current_stream(self.device))
+            latents.record_stream(self._out_stream)
+        with self._decode_stream():
             lat = pipe._unpack_latents(latents, self.size, self.size, self.vsf).to(pipe.vae.dtype)
-            z = pipe.vae.config.z_dim
-            mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z, 1, 1, 1).to(lat.device, lat.dtype)
-            std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z, 1, 1, 1).to(lat.device, lat.dtype)
-            lat = lat / std + mean
+            lat = lat / self._latents_inv_std + self._latents_mean  # the pipeline's arithmetic, op for op
             return pipe.vae.decode(lat, return_dict=False)[0][:, :, 0]
 
     def _decode_finish(self, image):
-        with self._side_stream():  # its .cpu() waits for the side stream only
+        with self._decode_stream():  # its .cpu() waits for the output stream only
             return self.pipe.image_processor.postprocess(image, output_type=self.output)[0]
 
     def _admit(self, seq, frame, t_in, t_start, cond, vae_in, small, similarity) -> _Row:

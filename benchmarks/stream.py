@@ -49,11 +49,12 @@ from . import harness
 from .pipeline import PROMPT, build_pipeline
 
 COLUMNS = [
-    "bench", "variant", "status", "model", "scene", "size", "steps", "frames", "camera_fps", "results", "fps",
-    "fps_vs_plain_bf16", "fps_overall", "first_result_ms", "latency_p50_ms", "latency_p95_ms", "computed_p95_ms",
-    "peak_gb", "skip_rate", "dropped", "rows_per_forward", "encodes", "output_change", "input_change",
-    "psnr_vs_vlm_every_frame", "vlm_every", "vlm_threshold", "threshold", "tick_ms", "host_ms_prepare", "host_ms_vlm",
-    "host_ms_vae_encode", "host_ms_forward", "host_ms_decode", "host_ms_finish", "note",
+    "bench", "variant", "status", "model", "quant_backend", "scene", "size", "steps", "frames", "camera_fps",
+    "results", "fps", "fps_vs_plain_bf16", "fps_overall", "first_result_ms", "latency_p50_ms", "latency_p95_ms",
+    "computed_p95_ms", "peak_gb", "skip_rate", "dropped", "rows_per_forward", "encodes", "output_change",
+    "input_change", "psnr_vs_vlm_every_frame", "vlm_every", "vlm_threshold", "threshold", "tick_ms",
+    "host_ms_prepare", "host_ms_vlm", "host_ms_vae_encode", "host_ms_forward", "host_ms_decode", "host_ms_finish",
+    "note",
 ]
 VARIANTS = ["plain-bf16", "plain-quant", "batch-quant", "batch-skip-reuse-quant", "batch-skip-reuse-fused-graphs-quant"]
 SCENES = ["moving", "still"]
@@ -153,6 +154,7 @@ class Run:
     def measure(self, engine, variant, scene, size):
         a = self.args
         row = dict(bench="stream", variant=variant, model=a.model, scene=scene, size=size, steps=a.steps,
+                   quant_backend=a.quant_backend if variant.endswith("quant") else "bf16",
                    frames=a.frames, camera_fps=a.fps, vlm_every=self.options(variant)["vlm_every"],
                    vlm_threshold=self.options(variant)["vlm_threshold"] if "reuse" in variant else None,
                    threshold=self.options(variant)["threshold"])
@@ -280,7 +282,9 @@ def build_parser():
                         "this (default 0.95, the editor's; 0: only every --vlm-every frames)")
     p.add_argument("--quality-frames", type=int, default=None, help="frames of the reuse quality run (default 16)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames first per run (default steps + 1)")
-    p.add_argument("--quant-backend", default="fp8-scaled-mm", help="the transformer's backend for *-quant")
+    p.add_argument("--quant-backend", default=None,
+                   help="the transformer's backend for *-quant (default fp8-triton on CUDA, what the engine's "
+                        "'auto' picks there; int8-torch on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -309,8 +313,9 @@ def main(argv=None) -> int:
     # bf16 on the GPU; float32 on the CPU, where bf16 conv3d (the VAE) is ~4x slower
     args.dtype = torch.float32 if torch.device(args.device or harness.default_device()).type == "cpu" \
         else torch.bfloat16
-    if q and args.quant_backend == "fp8-scaled-mm" and torch.device(args.device).type == "cpu":
-        args.quant_backend = "int8-torch"  # the CPU has int8 GEMMs; fp8 only on sm89+
+    if args.quant_backend is None:  # the CPU has int8 GEMMs; fp8 only on sm89+
+        cpu = torch.device(args.device or harness.default_device()).type == "cpu"
+        args.quant_backend = "int8-torch" if cpu else "fp8-triton"
     device = torch.device(args.device or harness.default_device())
     args.device = str(device)
     state = {}

@@ -23,6 +23,7 @@ __all__ = [
     "list_backends",
     "resolve_backend",
     "AUTO_PREFERENCE",
+    "apply_epilogue",
 ]
 
 log = logging.getLogger("qkernels")
@@ -68,13 +69,20 @@ class Backend:
         """The layer's GEMM on a quantized activation, with an optional epilogue (GELU-tanh, or
         ``residual + gate[gate_rows] * y``; ``qkernels.ops.fused.gemm_epilogue_reference``), out in
         ``out_dtype``. Backends with a fused-epilogue kernel override this; the default runs
-        :meth:`scaled_mm` and the epilogue in PyTorch."""
-        from .ops.fused import gemm_epilogue_reference
-
-        return gemm_epilogue_reference(self.scaled_mm(layer, q, s), out_dtype, gelu, residual, gate, gate_rows)
+        :meth:`scaled_mm` and then the epilogue as its own op (one Triton pass on CUDA)."""
+        return apply_epilogue(self.scaled_mm(layer, q, s), out_dtype, gelu, residual, gate, gate_rows)
 
     def __repr__(self) -> str:
         return f"<backend {self.name} ({self.format})>"
+
+
+def apply_epilogue(y, out_dtype, gelu, residual, gate, gate_rows):
+    """``qkernels.ops.fused.gemm_epilogue`` on a GEMM output; none asked: only the rounding."""
+    if not gelu and residual is None and gate is None and gate_rows is None:
+        return y.to(out_dtype)
+    from .ops.fused import gemm_epilogue
+
+    return gemm_epilogue(y, out_dtype, gelu, residual, gate, gate_rows)
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -13,6 +13,8 @@ a few entries, never more).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -104,6 +106,39 @@ def test_gemm_epilogue_equals_reference(fmt, epilogue):
         if fmt == "w8a8-fp8":  # ... and so does the fast-accumulation bound the GPU uses
             with pytest.raises(AssertionError):
                 _within_fast_accumulation(broken, ref, q, s, w, ws, epilogue, gate, rows)
+
+
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("epilogue", ["gelu", "gated-residual", "none"])
+def test_epilogue_pass_equals_reference(epilogue, ydtype):
+    """The epilogue as its own pass (for GEMMs that are not ours: torch._scaled_mm, _int_mm) equals
+    the reference on a GEMM output, fp32 or already bf16, on a shape no tile divides."""
+    m, n, g = 70, 200, 3
+    y = (torch.randn(m, n, device=DEV) * 4).to(ydtype)
+    res = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
+    gate = torch.randn(g, 2 * n, device=DEV, dtype=torch.bfloat16)[:, n:]
+    rows = torch.randint(0, g, (m,), dtype=torch.int32, device=DEV)
+    args = {"gelu": (True, None, None, None), "gated-residual": (False, res, gate, rows),
+            "none": (False, None, None, None)}[epilogue]
+    ref = fo.gemm_epilogue_reference(y.float(), torch.bfloat16, *args)
+    out = kt.gemm_epilogue(y, torch.bfloat16, *args)
+    _exact_or_one_step(out, ref)
+    if epilogue == "gated-residual":  # a wrong gate row is caught
+        broken = kt.gemm_epilogue(y, torch.bfloat16, False, res, gate, (rows + 1) % g)
+        assert (broken != ref).float().mean() > 0.3
+
+
+def test_backend_gemm_runs_the_epilogue_op():
+    """A backend without a fused GEMM (int8-torch) computes the block's epilogues through
+    ``ops.fused.gemm_epilogue``: its output equals scaled_mm + the reference epilogue."""
+    from qkernels.registry import get_backend
+
+    q, s, w, ws, bias, res, gate, rows = _gemm_case("w8a8-int8")
+    layer = SimpleNamespace(weight=w, weight_scale=ws, bias=bias)
+    backend = get_backend("int8-torch")
+    for args in ((True, None, None, None), (False, res, gate, rows), (False, None, None, None)):
+        want = fo.gemm_epilogue_reference(backend.scaled_mm(layer, q, s), torch.bfloat16, *args)
+        assert torch.equal(backend.gemm(layer, q, s, torch.bfloat16, *args), want)
 
 
 def test_epilogue_reference_is_the_unfused_arithmetic():

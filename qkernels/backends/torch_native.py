@@ -9,7 +9,7 @@ from .. import ops
 from ..ops import gemms
 from ..ops.fused import scaled_fp32
 from ..capabilities import scaled_mm_rowwise_reason
-from ..registry import Backend, register_backend
+from ..registry import Backend, apply_epilogue, register_backend
 
 
 def quantize_activation(layer, x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +90,16 @@ class FP8ScaledMM(Backend):
         bias = layer.bias.to(out_dtype) if layer.bias is not None else None
         return torch._scaled_mm(q, layer.weight.t(), scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
                                 bias=bias, out_dtype=out_dtype).float()
+
+    def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+        if not q.is_cuda:
+            return super().gemm(layer, q, s, out_dtype, gelu, residual, gate, gate_rows)
+        # CUDA's rowwise kernel writes bf16: the epilogue reads that (the rounding it starts from
+        # anyway) rather than an fp32 copy of it.
+        bias = layer.bias.to(torch.bfloat16) if layer.bias is not None else None
+        y = torch._scaled_mm(q, layer.weight.t(), scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
+                             bias=bias, out_dtype=torch.bfloat16)
+        return apply_epilogue(y, out_dtype, gelu, residual, gate, gate_rows)
 
 
 class _WeightOnly(Backend):

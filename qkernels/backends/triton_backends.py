@@ -38,6 +38,7 @@ _CUDA_KERNELS = {
     fused.int8_gemm_fused: "int8_gemm",
     fused.fp8_gemm_fused: "fp8_gemm",
     fused.fp8_gemm_tma_fused: "fp8_gemm_tma",
+    fused.gemm_epilogue: "gemm_epilogue",
     fused.layernorm_modulate_quant: "layernorm_modulate_quant",
     fused.qk_norm_rope: "qk_norm_rope",
 }

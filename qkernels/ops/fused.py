@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .. import formats
 from . import KernelOp, int_mm
 
-__all__ = ["int8_gemm_fused", "fp8_gemm_fused", "fp8_gemm_tma_fused", "layernorm_modulate_quant", "qk_norm_rope",
-           "gemm_epilogue_reference", "scaled_fp32"]
+__all__ = ["int8_gemm_fused", "fp8_gemm_fused", "fp8_gemm_tma_fused", "gemm_epilogue", "layernorm_modulate_quant",
+           "qk_norm_rope", "gemm_epilogue_reference", "scaled_fp32"]
 
 
 def scaled_fp32(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -70,6 +70,19 @@ def _gemm_fused_fake(a, a_scale, w, w_scale, bias, out_dtype, gelu, residual, ga
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+def _epilogue_ref(y: torch.Tensor, out_dtype: torch.dtype, gelu: bool, residual: torch.Tensor | None,
+                  gate: torch.Tensor | None, gate_rows: torch.Tensor | None) -> torch.Tensor:
+    return gemm_epilogue_reference(y, out_dtype, gelu, residual, gate, gate_rows)
+
+
+def _epilogue_fake(y, out_dtype, gelu, residual, gate, gate_rows):
+    return y.new_empty(y.shape, dtype=out_dtype)
+
+
+# The epilogue alone, on a GEMM's output [M, N] (fp32, or already rounded to out_dtype): for the
+# backends whose GEMM is not ours (torch._scaled_mm, torch._int_mm, cuBLASLt). On CUDA one Triton
+# pass instead of the reference's ~8 fp32 elementwise ones over [M, N].
+gemm_epilogue = KernelOp("gemm_epilogue", _epilogue_ref, _epilogue_fake)
 int8_gemm_fused = KernelOp("int8_gemm_fused", _int8_fused_ref, _gemm_fused_fake)
 fp8_gemm_fused = KernelOp("fp8_gemm_fused", _fp8_fused_ref, _gemm_fused_fake)
 fp8_gemm_tma_fused = KernelOp("fp8_gemm_tma_fused", _fp8_fused_ref, _gemm_fused_fake)

@@ -24,11 +24,11 @@ import triton.language as tl
 from ..errors import InputError
 from .quant import _store_quantized, row_amax, token_scale
 from ._common import (
-    INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, make_launcher, next_power_of_2, round_fp32_to_bf16_grid,
-    round_to_dtype,
+    EPI_NONE, INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, check_epilogue, make_launcher, next_power_of_2,
+    round_fp32_to_bf16_grid, round_to_dtype, store_epilogue,
 )
 
-__all__ = ["layernorm_modulate_quant", "qk_norm_rope", "row_chunks"]
+__all__ = ["gemm_epilogue", "layernorm_modulate_quant", "qk_norm_rope", "row_chunks"]
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -389,3 +389,58 @@ def qk_norm_rope(
         num_warps=1 if INTERPRET else TUNING["qk_warps"], enable_fp_fusion=False,
     )
     return q, k, v
+
+
+# --------------------------------------------------------------------------------------------
+# A GEMM's epilogue as its own pass (for GEMMs that are not ours)
+
+
+@triton.jit
+def _epilogue_kernel(y_ptr, ones_ptr, out_ptr, res_ptr, gate_ptr, grow_ptr, M, N, stride_ym, stride_gm,
+                     EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``store_epilogue`` (the fused GEMMs' own) on a finished [M, N] output: its scale is a vector
+    of ones (``y * 1.0`` is exact), so the arithmetic is the fused GEMMs', op for op."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    store_epilogue(out_ptr, y, ones_ptr, ones_ptr, res_ptr, gate_ptr, grow_ptr, offs_m, offs_n, M, N, N, 1,
+                   stride_gm, HAS_BIAS=False, EPILOGUE=EPILOGUE)
+
+
+_epilogue_launch = make_launcher(_epilogue_kernel)
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(n, dtype=torch.float32, device=device)
+    return t
+
+
+def gemm_epilogue(y: torch.Tensor, out_dtype: torch.dtype, gelu: bool, residual: torch.Tensor | None,
+                  gate: torch.Tensor | None, gate_rows: torch.Tensor | None) -> torch.Tensor:
+    """``qkernels.ops.fused.gemm_epilogue_reference`` in one pass: reads ``y`` [M, N] (fp32, or
+    already rounded to a 16-bit dtype; unit column stride), writes ``out_dtype``."""
+    check_2d("y", y)
+    m, n = y.shape
+    if y.dtype not in _ACT_DTYPES or y.stride(1) != 1:
+        raise InputError(f"y must be a {_ACT_DTYPES} [M, N] tensor with unit column stride, got {y.dtype} "
+                         f"{tuple(y.shape)} strides {y.stride()}")
+    code = check_epilogue(m, n, gelu, residual, gate, gate_rows, out_dtype)
+    check_device(y, residual, gate, gate_rows)
+    out = torch.empty((m, n), dtype=out_dtype, device=y.device)
+    if code == EPI_NONE:
+        return out.copy_(y)
+    if m == 0 or n == 0:
+        return out
+    dummy = y
+    bm, bn = 32, 128
+    _epilogue_launch((cdiv(m, bm), cdiv(n, bn)), (),
+                     (y, _ones(n, y.device), out, residual if residual is not None else dummy,
+                      gate if gate is not None else dummy, gate_rows if gate_rows is not None else dummy, m, n,
+                      y.stride(0), gate.stride(0) if gate is not None else 0),
+                     EPILOGUE=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return out

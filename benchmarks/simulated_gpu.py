@@ -119,16 +119,26 @@ class SimulatedDriver:
 
 @contextlib.contextmanager
 def simulated_driver(arch: int = 90, record_args: bool = True):
-    """Make Triton compile for ``sm_<arch>`` and record launches instead of running them."""
+    """Make Triton compile for ``sm_<arch>`` and record launches instead of running them.
+    Autotuning "timings" made here never reach Triton's disk cache: they are keyed like a real
+    sm_<arch> GPU's, and a GPU run sharing the cache directory would take them as measured."""
+    from triton.runtime import autotuner
     from triton.runtime import driver as triton_driver
+
+    def no_disk_cache(self, tuning_key, configs, bench_fn):
+        bench_fn()
+        return False
 
     sim = SimulatedDriver(arch=arch, record_args=record_args)
     previous = triton_driver._active
+    previous_check = autotuner.Autotuner.check_disk_cache
     triton_driver.set_active(sim)
+    autotuner.Autotuner.check_disk_cache = no_disk_cache
     try:
         yield sim
     finally:
         triton_driver._active = previous
+        autotuner.Autotuner.check_disk_cache = previous_check
 
 
 @contextlib.contextmanager

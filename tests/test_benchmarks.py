@@ -357,3 +357,21 @@ def test_stream_quick_writes_its_rows(tmp_path):
     assert float(reuse_still["skip_rate"]) > 0
     assert float(got[("batch-skip-reuse-quant", "moving")]["psnr_vs_vlm_every_frame"]) > 0
     assert float(got[("batch-skip-reuse-quant", "moving")]["fps_vs_plain_bf16"]) > 0
+
+
+def test_simulated_driver_keeps_autotuning_off_the_disk():
+    """Our kernels cache their autotuning on disk (qkernels.triton._common.AUTOTUNE_CACHE); under
+    the simulated driver the "timings" are not measurements, so they must not be written there
+    (a real sm90 run sharing the cache would take them as measured). The check is restored after."""
+    from triton.runtime import autotuner
+
+    from benchmarks.simulated_gpu import simulated_driver
+
+    original = autotuner.Autotuner.check_disk_cache
+    benched = []
+    with simulated_driver():
+        patched = autotuner.Autotuner.check_disk_cache
+        assert patched is not original
+        assert patched(None, ("key",), [], lambda: benched.append(1)) is False  # benchmarked, not cached
+        assert benched == [1]
+    assert autotuner.Autotuner.check_disk_cache is original

@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 from ..triton._launch import next_power_of_2
-from ..triton._common import INTERPRET, INTERPRET_C, make_launcher, round_fp32_to_bf16_grid, soft_e4m3_bits
+from ..triton._common import (
+    AUTOTUNE_CACHE, INTERPRET, INTERPRET_C, make_launcher, round_fp32_to_bf16_grid, soft_e4m3_bits,
+)
 from .reference import E4M3_MAX, LOG2E, P_SCALE
 
 __all__ = ["quantize_segments", "attention_core", "attention_8bit", "CONFIGS", "PAD"]
@@ -157,7 +159,7 @@ CONFIGS = [_cfg(64, 64, 1, 4)] if INTERPRET else [
 ]
 
 
-@triton.autotune(configs=CONFIGS, key=["S_BUCKET", "HEAD_DIM"])
+@triton.autotune(configs=CONFIGS, key=["S_BUCKET", "HEAD_DIM"], cache_results=AUTOTUNE_CACHE)
 @triton.jit(do_not_specialize=["S_BUCKET"])
 def _attention_kernel(
     q8_ptr, k8_ptr, v8t_ptr, qs_ptr, ks_ptr, vs_ptr, o0_ptr, o1_ptr,

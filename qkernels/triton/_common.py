@@ -412,6 +412,12 @@ CONFIGS_16BIT_A = INTERPRET_CONFIGS if INTERPRET else [
 ]
 
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
+# Autotuning results go to Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache),
+# keyed by Triton's version, the target (sm90, ...), the kernel's source, the tuning key and the
+# configs: a second process (the server's restart, the next quantize run) reuses them instead of
+# timing every config of every new shape again. (Triton skips the disk cache under the interpreter
+# and for configs with a pre-hook.)
+AUTOTUNE_CACHE = True
 
 
 def even_k(args) -> bool:

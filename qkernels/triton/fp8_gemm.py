@@ -24,15 +24,16 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..errors import UnsupportedShapeError
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, INTERPRET, _epilogue_pointers, cdiv, check_epilogue, check_gemm, check_out_dtype,
-    check_vector, even_k, gemm_tile_setup, grouped_tile, load_k_tiles, make_launcher, prune_by_m, scaled_gemm,
-    store_epilogue,
+    AUTOTUNE_CACHE, AUTOTUNE_KEY, CONFIGS_8BIT, INTERPRET, _epilogue_pointers, cdiv, check_epilogue, check_gemm,
+    check_out_dtype, check_vector, even_k, gemm_tile_setup, grouped_tile, load_k_tiles, make_launcher, prune_by_m,
+    scaled_gemm, store_epilogue,
 )
 
 __all__ = ["fp8_gemm", "fp8_gemm_tma"]
 
 
-@triton.autotune(configs=CONFIGS_8BIT, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
+@triton.autotune(configs=CONFIGS_8BIT, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m},
+                  cache_results=AUTOTUNE_CACHE)
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _fp8_gemm_kernel(

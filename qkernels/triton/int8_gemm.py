@@ -30,14 +30,15 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_vector, even_k, gemm_tile_setup, launch_gemm,
-    load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_epilogue, store_scaled,
+    AUTOTUNE_CACHE, AUTOTUNE_KEY, CONFIGS_8BIT, CONFIGS_16BIT_A, check_gemm, check_vector, even_k, gemm_tile_setup,
+    launch_gemm, load_k_tiles, make_launcher, prune_by_m, rint_clamp_int8, scaled_gemm, store_epilogue, store_scaled,
 )
 
 __all__ = ["int8_gemm", "int8_static_gemm"]
 
 
-@triton.autotune(configs=CONFIGS_8BIT, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
+@triton.autotune(configs=CONFIGS_8BIT, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m},
+                  cache_results=AUTOTUNE_CACHE)
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _int8_gemm_kernel(
@@ -62,7 +63,8 @@ def _int8_gemm_kernel(
                    stride_cm, stride_cn, stride_gm, HAS_BIAS, EPILOGUE)
 
 
-@triton.autotune(configs=CONFIGS_16BIT_A, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
+@triton.autotune(configs=CONFIGS_16BIT_A, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m},
+                  cache_results=AUTOTUNE_CACHE)
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _int8_static_gemm_kernel(

@@ -21,15 +21,16 @@ import triton.language as tl
 
 from ..errors import InputError
 from ._common import (
-    AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, cdiv, check_2d, check_device, check_gemm, check_vector, even_k,
-    gemm_tile_setup, launch_gemm, load_k_tiles, make_launcher, next_power_of_2, prune_by_m,
+    AUTOTUNE_CACHE, AUTOTUNE_KEY, CONFIGS_16BIT_A, INTERPRET_C, cdiv, check_2d, check_device, check_gemm,
+    check_vector, even_k, gemm_tile_setup, launch_gemm, load_k_tiles, make_launcher, next_power_of_2, prune_by_m,
     round_fp32_to_bf16_grid, store_scaled,
 )
 
 __all__ = ["weight_only_gemm", "dequantize_weight"]
 
 
-@triton.autotune(configs=CONFIGS_16BIT_A, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m})
+@triton.autotune(configs=CONFIGS_16BIT_A, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune_by_m},
+                  cache_results=AUTOTUNE_CACHE)
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _weight_only_gemm_kernel(

@@ -160,7 +160,7 @@ def demo_dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-def demo_engine(directory, backend: str = "auto", device=None, seed: int = 0):
+def demo_engine(directory, backend: str = "auto", device=None, seed: int = 0, **engine_kwargs):
     """An ``Engine`` over the tiny pipeline in ``directory``, saved there first (seeded by ``seed``)
     when the folder holds no pipeline. Not loaded yet. What ``qpipeline.serve --demo`` serves, so a
     test that builds the same engine gets the same images for the same request."""
@@ -172,4 +172,4 @@ def demo_engine(directory, backend: str = "auto", device=None, seed: int = 0):
     if not (directory / "model_index.json").is_file():
         save_pipeline(directory, seed=seed)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Engine(directory, backend=backend, device=device, dtype=demo_dtype(device))
+    return Engine(directory, backend=backend, device=device, dtype=demo_dtype(device), **engine_kwargs)

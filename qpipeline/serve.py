@@ -63,6 +63,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", help="LoRA safetensors (merged at load, or a run-time branch with --quantized)")
     p.add_argument("--backend", default="auto", help="quantization backend (default auto; bf16: none)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--fuse", action="store_true",
+                   help="the fused block path for the quantized transformer (norm + modulate + quant in one "
+                        "kernel, q|k|v as one GEMM, fused epilogues; qpipeline.blocks)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the transformer's block loop from CUDA graphs (CUDA only; with --fuse the "
+                        "webcam stream's fastest mode)")
 
 
 def main(argv=None) -> int:
@@ -142,7 +148,7 @@ def engine_from_args(args, stack: contextlib.ExitStack):
 
     if not args.demo:
         return Engine(args.model, backend=args.backend, quantized=args.quantized, lora=args.lora,
-                      device=args.device), None
+                      device=args.device, **_speed_args(args)), None
     if args.quantized or args.lora:
         raise ValueError("--demo builds its own pipeline; --quantized and --lora need --model")
     from .demo_pipeline import demo_engine, small_vae_references
@@ -154,7 +160,13 @@ def engine_from_args(args, stack: contextlib.ExitStack):
     stack.enter_context(small_vae_references())
     print("demo: the tiny built-in edit pipeline with seeded random weights: its images are noise, "
           "not edits", flush=True)
-    return demo_engine(folder, backend=args.backend, device=args.device), 64
+    return demo_engine(folder, backend=args.backend, device=args.device, **_speed_args(args)), 64
+
+
+def _speed_args(args) -> dict:
+    """The engine's ``fuse`` / ``cuda_graphs`` from ``--fuse`` / ``--cuda-graphs`` (the Engine
+    refuses what cannot run: graphs without CUDA, fusing a bf16 model)."""
+    return dict(fuse=args.fuse, cuda_graphs=args.cuda_graphs)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,22 @@ def test_serve_ray_refuses_bad_settings_in_one_line(capsys, tmp_path):
         app_builder({"model": str(tmp_path), "replica": "2"})
     with pytest.raises(ValueError, match="give model="):
         app_builder({})
+    with pytest.raises(ValueError, match="fuse must be 1/true/yes or 0/false/no"):
+        app_builder({"model": str(tmp_path), "fuse": "maybe"})
+
+
+def test_serve_ray_spec_carries_fuse_and_cuda_graphs(tmp_path):
+    """The replicas' engine spec takes --fuse / --cuda-graphs (serve --ray) and fuse= / cuda_graphs=
+    (serve run); a replica builds its engine with them."""
+    import contextlib
+
+    from qpipeline import serve as qserve
+    from qpipeline.integrations import ray_serve as rs
+
+    args = qserve.build_parser().parse_args(["--ray", "--demo", "--fuse", "--device", "cpu"])
+    with contextlib.ExitStack() as stack:
+        spec, _ = rs.spec_from_args(args, stack)
+        assert spec["fuse"] is True and spec["cuda_graphs"] is False
+        engine = rs._engine_from_spec(spec, stack)
+        assert engine.fuse and not engine.cuda_graphs
+    assert rs._flag({"fuse": "yes"}, "fuse") and not rs._flag({}, "fuse") and not rs._flag({"fuse": "0"}, "fuse")

@@ -491,6 +491,26 @@ def test_serve_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert serve.build_parser().parse_args(["--demo"]).host == "127.0.0.1"
 
 
+def test_serve_passes_fuse_and_cuda_graphs_to_the_engine(capsys):
+    """--fuse / --cuda-graphs reach the engine (the webcam stream's fast mode); what the engine
+    cannot do is refused in one line: graphs without CUDA, fusing a bf16 model."""
+    import contextlib
+
+    from qpipeline import serve
+
+    parse = serve.build_parser().parse_args
+    with contextlib.ExitStack() as stack:
+        engine, _ = serve.engine_from_args(parse(["--demo", "--fuse", "--device", "cpu"]), stack)
+        assert engine.fuse and not engine.cuda_graphs
+        engine, _ = serve.engine_from_args(parse(["--demo", "--device", "cpu"]), stack)
+        assert not engine.fuse and not engine.cuda_graphs
+    for argv, words in ((["--demo", "--cuda-graphs", "--device", "cpu"], "needs a CUDA device"),
+                        (["--demo", "--fuse", "--backend", "bf16", "--device", "cpu"], "backend 'bf16' has none")):
+        assert serve.main([*argv, "--port", "0"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the demo pipeline's save progress
+        assert err.startswith("error:") and words in err, err
+
+
 def test_no_cors_headers_unless_configured(client):
     h = client.get("/health", headers={"Origin": "http://page.example"})
     assert h.status_code == 200 and "access-control-allow-origin" not in h.headers

@@ -115,11 +115,13 @@ def _engine_from_spec(spec: dict, stack: contextlib.ExitStack):
         from ..demo_pipeline import demo_engine, small_vae_references
 
         stack.enter_context(small_vae_references())  # what serve --demo does (this process is the replica's)
-        return demo_engine(spec["folder"], backend=spec.get("backend", "auto"), device=spec.get("device"))
+        return demo_engine(spec["folder"], backend=spec.get("backend", "auto"), device=spec.get("device"),
+                           fuse=spec.get("fuse", False), cuda_graphs=spec.get("cuda_graphs", False))
     from ..engine import Engine
 
     return Engine(spec["model"], backend=spec.get("backend", "auto"), quantized=spec.get("quantized"),
-                  lora=spec.get("lora"), device=spec.get("device"))
+                  lora=spec.get("lora"), device=spec.get("device"), fuse=spec.get("fuse", False),
+                  cuda_graphs=spec.get("cuda_graphs", False))
 
 
 def _cluster_gpus() -> float:
@@ -172,12 +174,20 @@ def demo_spec(folder, backend: str = "auto", device=None) -> dict:
     return dict(demo=True, folder=str(folder), backend=backend, device=device)
 
 
+def _flag(args: dict, key: str) -> bool:
+    """A ``serve run`` boolean argument: 1/true/yes or 0/false/no (absent: False)."""
+    v = str(args.get(key, "0")).strip().lower()
+    if v not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"{key} must be 1/true/yes or 0/false/no, got {args[key]!r}")
+    return v in ("1", "true", "yes")
+
+
 def app_builder(args: dict):
     """``serve run qpipeline.integrations.ray_serve:app_builder model=DIR [quantized=DIR] [lora=F]
-    [backend=auto] [replicas=N] [max_queue=8] [timeout=300] [gpus_per_replica=1]`` (or ``demo=DIR``
-    for the tiny pipeline saved into DIR)."""
-    known = {"model", "quantized", "lora", "backend", "device", "demo", "replicas", "min_replicas",
-             "max_replicas", "gpus_per_replica", "max_queue", "timeout"}
+    [backend=auto] [fuse=1] [cuda_graphs=1] [replicas=N] [max_queue=8] [timeout=300] [gpus_per_replica=1]``
+    (or ``demo=DIR`` for the tiny pipeline saved into DIR)."""
+    known = {"model", "quantized", "lora", "backend", "device", "demo", "fuse", "cuda_graphs", "replicas",
+             "min_replicas", "max_replicas", "gpus_per_replica", "max_queue", "timeout"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown argument {unknown[0]!r}; arguments: {', '.join(sorted(known))}")
@@ -191,6 +201,7 @@ def app_builder(args: dict):
         default_size = None
     else:
         raise ValueError("give model=<pipeline folder> (or demo=<folder>)")
+    spec.update(fuse=_flag(args, "fuse"), cuda_graphs=_flag(args, "cuda_graphs"))
     max_queue = int(args.get("max_queue", ServerConfig.max_queue))
 
     def number(key, kind):
@@ -216,7 +227,8 @@ def spec_from_args(args, stack: contextlib.ExitStack) -> tuple[dict, int | None]
         return dict(model=str(Path(args.model).resolve()),
                     quantized=str(Path(args.quantized).resolve()) if args.quantized else None,
                     lora=str(Path(args.lora).resolve()) if args.lora else None, backend=args.backend,
-                    device=args.device), None
+                    device=args.device, fuse=args.fuse,
+                    cuda_graphs=args.cuda_graphs), None
     if args.quantized or args.lora:
         raise ValueError("--demo builds its own pipeline; --quantized and --lora need --model")
     import shutil
@@ -226,7 +238,9 @@ def spec_from_args(args, stack: contextlib.ExitStack) -> tuple[dict, int | None]
     stack.callback(shutil.rmtree, folder, ignore_errors=True)
     print("demo: the tiny built-in edit pipeline with seeded random weights: its images are noise, "
           "not edits", flush=True)
-    return demo_spec(folder, backend=args.backend, device=args.device), 64
+    spec = demo_spec(folder, backend=args.backend, device=args.device)
+    spec.update(fuse=args.fuse, cuda_graphs=args.cuda_graphs)
+    return spec, 64
 
 
 def run(args, config: ServerConfig) -> int:

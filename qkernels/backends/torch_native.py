@@ -69,37 +69,32 @@ class FP8ScaledMM(Backend):
     def unsupported_shape_reason(self, in_features, out_features):
         return _multiple_of(in_features, out_features, 16, "torch._scaled_mm")
 
-    def forward(self, layer, x):
-        q, s = quantize_activation(layer, x, fp8=True)
-        # CUDA's rowwise _scaled_mm writes bf16 only; elsewhere the input dtype directly.
-        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    @staticmethod
+    def _mm(layer, q, s, out_dtype):
+        """``torch._scaled_mm`` on the column-major view of the stored [N, K] weight (no copy),
+        rowwise scales, the bias in ``out_dtype``. CUDA's rowwise kernel writes bf16 only."""
         bias = layer.bias
         if bias is not None and bias.dtype != out_dtype:
             bias = bias.to(out_dtype)
-        y = torch._scaled_mm(
-            q, layer.weight.t(),  # column-major view of the stored [N, K] weight: no copy
-            scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
-            bias=bias, out_dtype=out_dtype,
-        )
+        return torch._scaled_mm(q, layer.weight.t(), scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
+                                bias=bias, out_dtype=out_dtype)
+
+    def forward(self, layer, x):
+        q, s = quantize_activation(layer, x, fp8=True)
+        y = self._mm(layer, q, s, torch.bfloat16 if x.is_cuda else x.dtype)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def scaled_mm(self, layer, q, s):
-        # fp32 out where _scaled_mm allows it (CPU); CUDA's rowwise kernel writes bf16 only, which
-        # is the rounding the unfused bf16 layer has anyway.
-        out_dtype = torch.bfloat16 if q.is_cuda else torch.float32
-        bias = layer.bias.to(out_dtype) if layer.bias is not None else None
-        return torch._scaled_mm(q, layer.weight.t(), scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
-                                bias=bias, out_dtype=out_dtype).float()
+        # fp32 out where _scaled_mm allows it (CPU); on CUDA bf16, which is the rounding the
+        # unfused bf16 layer has anyway.
+        return self._mm(layer, q, s, torch.bfloat16 if q.is_cuda else torch.float32).float()
 
     def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
         if not q.is_cuda:
             return super().gemm(layer, q, s, out_dtype, gelu, residual, gate, gate_rows)
-        # CUDA's rowwise kernel writes bf16: the epilogue reads that (the rounding it starts from
-        # anyway) rather than an fp32 copy of it.
-        bias = layer.bias.to(torch.bfloat16) if layer.bias is not None else None
-        y = torch._scaled_mm(q, layer.weight.t(), scale_a=s[:, None], scale_b=layer.weight_scale[None, :],
-                             bias=bias, out_dtype=torch.bfloat16)
-        return apply_epilogue(y, out_dtype, gelu, residual, gate, gate_rows)
+        # the epilogue reads the kernel's bf16 output (the rounding it starts from anyway), not an
+        # fp32 copy of it
+        return apply_epilogue(self._mm(layer, q, s, torch.bfloat16), out_dtype, gelu, residual, gate, gate_rows)
 
 
 class _WeightOnly(Backend):

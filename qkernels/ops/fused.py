@@ -70,11 +70,6 @@ def _gemm_fused_fake(a, a_scale, w, w_scale, bias, out_dtype, gelu, residual, ga
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-def _epilogue_ref(y: torch.Tensor, out_dtype: torch.dtype, gelu: bool, residual: torch.Tensor | None,
-                  gate: torch.Tensor | None, gate_rows: torch.Tensor | None) -> torch.Tensor:
-    return gemm_epilogue_reference(y, out_dtype, gelu, residual, gate, gate_rows)
-
-
 def _epilogue_fake(y, out_dtype, gelu, residual, gate, gate_rows):
     return y.new_empty(y.shape, dtype=out_dtype)
 
@@ -82,7 +77,7 @@ def _epilogue_fake(y, out_dtype, gelu, residual, gate, gate_rows):
 # The epilogue alone, on a GEMM's output [M, N] (fp32, or already rounded to out_dtype): for the
 # backends whose GEMM is not ours (torch._scaled_mm, torch._int_mm, cuBLASLt). On CUDA one Triton
 # pass instead of the reference's ~8 fp32 elementwise ones over [M, N].
-gemm_epilogue = KernelOp("gemm_epilogue", _epilogue_ref, _epilogue_fake)
+gemm_epilogue = KernelOp("gemm_epilogue", gemm_epilogue_reference, _epilogue_fake)
 int8_gemm_fused = KernelOp("int8_gemm_fused", _int8_fused_ref, _gemm_fused_fake)
 fp8_gemm_fused = KernelOp("fp8_gemm_fused", _fp8_fused_ref, _gemm_fused_fake)
 fp8_gemm_tma_fused = KernelOp("fp8_gemm_tma_fused", _fp8_fused_ref, _gemm_fused_fake)

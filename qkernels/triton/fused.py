@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from ..errors import InputError
-from .quant import _store_quantized, row_amax, token_scale
+from .quant import _nanmax, _store_quantized, row_amax, token_scale
 from ._common import (
-    EPI_NONE, INTERPRET, INTERPRET_C, cdiv, check_2d, check_device, check_epilogue, make_launcher, next_power_of_2,
-    round_fp32_to_bf16_grid, round_to_dtype, store_epilogue,
+    EPI_NONE, INTERPRET, INTERPRET_C, _epilogue_pointers, cdiv, check_2d, check_device, check_epilogue, make_launcher,
+    next_power_of_2, round_fp32_to_bf16_grid, round_to_dtype, store_epilogue,
 )
 
 __all__ = ["gemm_epilogue", "layernorm_modulate_quant", "qk_norm_rope", "row_chunks"]
@@ -80,7 +80,6 @@ def row_chunks(k: int, chunked: bool = True) -> tuple[int, int]:
         if c <= _MAX_CHUNK and (best is None or n * c < best[0] * best[1]):
             best = (n, c)
     return best if best is not None else (0, _MAX_CHUNK)
-
 
 
 @triton.jit
@@ -168,13 +167,13 @@ def _layernorm_modulate_quant_kernel(
     amax = row_amax(y0, 0)
     if NCHUNK > 1:
         y1 = _lmq_modulate(d1, rstd, sc1, sh1, ROUND)
-        amax = tl.maximum(amax, row_amax(y1, 0), propagate_nan=tl.PropagateNan.ALL)
+        amax = _nanmax(amax, row_amax(y1, 0))
     if NCHUNK > 2:
         y2 = _lmq_modulate(d2, rstd, sc2, sh2, ROUND)
-        amax = tl.maximum(amax, row_amax(y2, 0), propagate_nan=tl.PropagateNan.ALL)
+        amax = _nanmax(amax, row_amax(y2, 0))
     if NCHUNK > 3:
         y3 = _lmq_modulate(d3, rstd, sc3, sh3, ROUND)
-        amax = tl.maximum(amax, row_amax(y3, 0), propagate_nan=tl.PropagateNan.ALL)
+        amax = _nanmax(amax, row_amax(y3, 0))
     scale = token_scale(amax, QMAX)
     inv = tl.math.div_rn(1.0, scale)
     qr = q_ptr + row * stride_qm
@@ -436,11 +435,10 @@ def gemm_epilogue(y: torch.Tensor, out_dtype: torch.dtype, gelu: bool, residual:
         return out.copy_(y)
     if m == 0 or n == 0:
         return out
-    dummy = y
+    _, res_p, gate_p, rows_p = _epilogue_pointers(None, residual, gate, gate_rows, y)
     bm, bn = 32, 128
     _epilogue_launch((cdiv(m, bm), cdiv(n, bn)), (),
-                     (y, _ones(n, y.device), out, residual if residual is not None else dummy,
-                      gate if gate is not None else dummy, gate_rows if gate_rows is not None else dummy, m, n,
-                      y.stride(0), gate.stride(0) if gate is not None else 0),
+                     (y, _ones(n, y.device), out, res_p, gate_p, rows_p, m, n, y.stride(0),
+                      gate.stride(0) if gate is not None else 0),
                      EPILOGUE=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return out

@@ -150,15 +150,17 @@ def _prev_power_of_2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _launch_shape(m: int, k: int, max_block_k: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_K, num_warps): ~4096 elements a program and a warp per 2048 of them (4..16)
-    on CUDA (``TUNING`` overrides the rows and warps); under the interpreter many rows per
-    program, since each program costs Python overhead, not registers."""
+def _launch_shape(m: int, k: int, max_block_k: int, tuning: dict | None = TUNING,
+                  elements_per_warp: int = 2048) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_K, num_warps): ~4096 elements a program and a warp per ``elements_per_warp``
+    of them (4..16) on CUDA (``tuning`` overrides the rows and warps); under the interpreter many
+    rows per program, since each program costs Python overhead, not registers."""
     block_k = min(next_power_of_2(k), max_block_k)
     if INTERPRET:
         return min(next_power_of_2(m), 32), block_k, 4
-    rows = TUNING["quant_rows"] or max(1, min(next_power_of_2(m), 4096 // block_k))
-    warps = TUNING["quant_warps"] or min(16, max(4, _prev_power_of_2(rows * block_k // 2048)))
+    tuning = tuning or {}
+    rows = tuning.get("quant_rows") or max(1, min(next_power_of_2(m), 4096 // block_k))
+    warps = tuning.get("quant_warps") or min(16, max(4, _prev_power_of_2(rows * block_k // elements_per_warp)))
     return rows, block_k, warps
 
 
@@ -214,10 +216,9 @@ def quantize_per_tensor(
     q, q_arg, row_scale = _outputs(x, fp8)
     if m == 0:
         return q, row_scale
-    # not measured on a GPU since the per-token kernel's warps were: its launch shape as before
-    block_k = min(next_power_of_2(k), _BLOCK_K)
-    rows = min(next_power_of_2(m), 32) if INTERPRET else max(1, min(next_power_of_2(m), 4096 // block_k))
-    warps = 4 if INTERPRET else min(16, max(4, rows * block_k // 512))
+    # not measured on a GPU since the per-token kernel's warps were: the rule before that, a warp
+    # per 512 elements, and not the per-token TUNING
+    rows, block_k, warps = _launch_shape(m, k, _BLOCK_K, tuning=None, elements_per_warp=512)
     _launch_per_tensor(
         (cdiv(m, rows),), (),
         (x, scale, smooth if smooth is not None else row_scale, q_arg, row_scale, m, k, x.stride(0), q.stride(0)),

@@ -61,14 +61,16 @@ from .recipe import get_recipe
 
 __all__ = ["Engine"]
 
+LORA_NAME = "engine"
+
+
 def _text_encoder_backends() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(weight-only, W8A8) names of the registered quantizing backends: weight-only upcasts per
     call (what the 24 GB mode quantizes on the CPU); W8A8 runs 8-bit GEMMs, quantized on the
     device (no upcast, but each Linear call also quantizes its input)."""
-    quantizing = [b for b in list_backends() if b.format in formats.FORMATS]
-    return (tuple(b.name for b in quantizing if not formats.get_format(b.format).quantizes_activations),
-            tuple(b.name for b in quantizing if formats.get_format(b.format).quantizes_activations))
-LORA_NAME = "engine"
+    acts = {b.name: formats.get_format(b.format).quantizes_activations
+            for b in list_backends() if b.format in formats.FORMATS}
+    return tuple(n for n, a in acts.items() if not a), tuple(n for n, a in acts.items() if a)
 
 
 class Engine:

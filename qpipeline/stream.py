@@ -309,11 +309,10 @@ class StreamEditor:
         finally:
             self.host_s[stage] += time.perf_counter() - t0
 
-    def _side_stream(self):
-        return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
-
-    def _decode_stream(self):
-        return torch.cuda.stream(self._out_stream) if self._out_stream is not None else contextlib.nullcontext()
+    @staticmethod
+    def _on(stream):
+        """Run on ``stream`` (a side CUDA stream), or in order where there is none (the CPU)."""
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _encode_reference(self, vae_in):
         """Reference latents [1, L_ref, C] (the VAE's argmax, as the pipeline); runs on the stream
@@ -330,13 +329,13 @@ class StreamEditor:
         if self._out_stream is not None:
             self._out_stream.wait_stream(torch.cuda.current_stream(self.device))
             latents.record_stream(self._out_stream)
-        with self._decode_stream():
+        with self._on(self._out_stream):
             lat = pipe._unpack_latents(latents, self.size, self.size, self.vsf).to(pipe.vae.dtype)
             lat = lat / self._latents_inv_std + self._latents_mean  # the pipeline's arithmetic, op for op
             return pipe.vae.decode(lat, return_dict=False)[0][:, :, 0]
 
     def _decode_finish(self, image):
-        with self._decode_stream():  # its .cpu() waits for the output stream only
+        with self._on(self._out_stream):  # its .cpu() waits for the output stream only
             return self.pipe.image_processor.postprocess(image, output_type=self.output)[0]
 
     def _admit(self, seq, frame, t_in, t_start, cond, vae_in, small, similarity) -> _Row:
@@ -429,7 +428,7 @@ class StreamEditor:
                     self._side.wait_stream(main)  # x_ref reads the last result's latent
                 # On CUDA the frame's upload, similarity (its one host sync), VLM and VAE encode run
                 # on the side stream, overlapping the previous forward still on the GPU.
-                with self._side_stream():
+                with self._on(self._side):
                     with self._timed("prepare"):
                         cond, vae_in = self._frame_images(frame)
                         small = self._small(vae_in)

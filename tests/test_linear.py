@@ -329,4 +329,3 @@ def test_dequantize_weight_is_one_fp32_product_rounded_once(fmt, dtype):
     assert got.dtype == dtype and torch.equal(got, want)
     if dtype != torch.float32:
         assert not torch.equal(got, q.to(dtype) * s.to(dtype)[:, None])
-

@@ -34,6 +34,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def dtype_named(name) -> torch.dtype | None:
+    """The torch dtype called ``name`` ("bfloat16" or "torch.bfloat16"), None if there is none."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 class QKernelsConfigFields:
     """The fields of ``QKernelsConfig`` (the same ``__init__`` for diffusers and transformers,
     which ``PipelineQuantizationConfig(quant_backend="qkernels")`` requires).
@@ -73,8 +79,7 @@ class QKernelsConfigFields:
                               "scales need calibration statistics: quantize_model(model, recipe, calibration=...)")
         self.activation = activation
         self.layers = dict(layers) if layers else {}
-        if torch_dtype is not None and not isinstance(getattr(torch, str(torch_dtype).removeprefix("torch."), None),
-                                                      torch.dtype):
+        if torch_dtype is not None and dtype_named(torch_dtype) is None:
             raise RecipeError(f"QKernelsConfig torch_dtype {torch_dtype!r} is not a torch dtype")
         self.torch_dtype = None if torch_dtype is None else str(torch_dtype).removeprefix("torch.")
         self.format_version = CONFIG_FORMAT_VERSION
@@ -201,8 +206,8 @@ def replace_on_meta(model: nn.Module, layers: dict[str, dict], where: str) -> No
         if spec.get("format") not in formats.FORMATS:
             raise CheckpointError(f"{where}: {name} has an unknown format {spec.get('format')!r}")
         bias = spec.get("bias_dtype")
-        bias_dtype = getattr(torch, str(bias), None) if bias else torch.bfloat16
-        if not isinstance(bias_dtype, torch.dtype):
+        bias_dtype = dtype_named(bias) if bias else torch.bfloat16
+        if bias_dtype is None:
             raise CheckpointError(f"{where}: {name} has an unknown bias dtype {bias!r}")
         args = (spec["in_features"], spec["out_features"], bias is not None)
         kw = dict(format=spec["format"], static=bool(spec.get("static")), smooth=bool(spec.get("smooth")),

@@ -132,13 +132,34 @@ def replay_checks(sim) -> None:
         finally:
             tb._TritonW8A8.REPLAY = True
 
-    def same(a, b, known) -> bool:
-        def arg(v):
-            if not isinstance(v, torch.Tensor):
-                return v
-            return ("known", v.data_ptr()) if v.data_ptr() in known else ("new", v.dtype, tuple(v.shape))
+    def same(replayed, direct, known, new) -> bool:
+        """One replayed launch against the direct one: same kernel, grid and non-tensor arguments;
+        where the direct launch passed a tensor, the replay passes the same tensor's address (the
+        layer's tensors, the input) or a new address (a new output, a scratch temporary); ``new``
+        collects those as address -> byte length of the direct launch's tensor there."""
+        if (replayed.kernel_hash, replayed.grid, len(replayed.args)) != (direct.kernel_hash, direct.grid,
+                                                                         len(direct.args)):
+            return False
+        for r, d in zip(replayed.args, direct.args):
+            if not isinstance(d, torch.Tensor):
+                if r != d or type(r) is not type(d):
+                    return False
+                continue
+            ptr = r.data_ptr() if isinstance(r, torch.Tensor) else r
+            if type(ptr) is not int:
+                return False
+            if d.data_ptr() in known:
+                if ptr != d.data_ptr():
+                    return False
+            elif ptr in known:
+                return False
+            else:
+                new[ptr] = max(new.get(ptr, 0), d.numel() * d.element_size())
+        return True
 
-        return (a.kernel_hash, a.grid, tuple(map(arg, a.args))) == (b.kernel_hash, b.grid, tuple(map(arg, b.args)))
+    def disjoint(new: dict) -> bool:
+        spans = sorted(new.items())
+        return all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 128, dtype=torch.bfloat16)
@@ -156,9 +177,14 @@ def replay_checks(sim) -> None:
                     y_ref, direct = launches(layer, x, False)
                     known = {t.data_ptr() for t in (x, *layer._buffers.values()) if t is not None}
                     name = f"replay {backend} {what} m={m}{' misaligned x' if make is misaligned else ''}"
+                    new = {}
                     check(f"{name}: {[launch.kernel for launch in replayed]} as launched directly",
-                          len(replayed) == len(direct) and all(same(a, b, known) for a, b in zip(replayed, direct))
+                          len(replayed) == len(direct) and all(same(a, b, known, new) for a, b in zip(replayed, direct))
                           and y.shape == y_ref.shape and y.dtype == y_ref.dtype and y.data_ptr() != y_ref.data_ptr())
+                    check(f"{name}: the new output and temporaries do not overlap ({len(new)})",
+                          disjoint(new) and y.data_ptr() in new and len(new) == len(
+                              {a.data_ptr() for d in direct for a in d.args
+                               if isinstance(a, torch.Tensor) and a.data_ptr() not in known}))
                     replays = layer._plans.get((m, x.dtype))
                     check(f"{name}: a recording is kept", replays is not None and not isinstance(replays, int))
                 layer.to(torch.float32)  # the bias is cast: recordings of the bf16 bias go
@@ -178,14 +204,14 @@ def record_checks(sim) -> None:
 
 def _record_checks(quant, Replay, x) -> None:
     quant.quantize_per_token(x, None, False)  # compile
-    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False)[0], x)
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False)[0], (x,))
     check("record: a call that only allocates and launches is replayable", plan is not None)
-    _, plan = Replay.record(lambda x: quant.quantize_per_token(x * 2, None, False)[0], x)
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x * 2, None, False)[0], (x,))
     check("record: a call that also runs an aten op (x * 2) is not", plan is None)
     y = torch.randn(8, 96, dtype=torch.bfloat16)  # a new M: the launcher's first call compiles
-    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False)[0], y)
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False)[0], (y,))
     check("record: a first call (Triton's own path) is not", plan is None)
-    _, plan = Replay.record(lambda x: (quant.quantize_per_token(x, None, False), x)[1], x)
+    _, plan = Replay.record(lambda x: (quant.quantize_per_token(x, None, False), x)[1], (x,))
     check("record: a call returning its input is not", plan is None)
 
 
@@ -198,7 +224,7 @@ def main(argv: list[str]) -> int:
 
         _launch.specialization = no_alignment
     if "--break-replay" in argv:  # the bug the replay checks must catch: inputs never checked
-        _launch.Replay.inputs_match = staticmethod(lambda inputs, specs: True)
+        _launch.Replay.matches = lambda self, args, held: True
     with simulated_driver() as sim:
         quant_checks(sim)
         gemm_checks(sim)

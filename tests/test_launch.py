@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 CHECKS = Path(__file__).resolve().parent / "simulated_launch_checks.py"
 
@@ -48,3 +49,30 @@ def test_replay_checks_catch_a_replay_that_ignores_its_inputs():
     out = _run("--break-replay", "--no-layer")
     assert out.returncode != 0
     assert "FAIL replay int8-triton dynamic m=16 misaligned x" in out.stdout, out.stdout + out.stderr
+
+
+def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped():
+    """The replay's scratch buffer (qkernels.triton._launch._scratch): one per (device, stream)
+    and per thread (two threads issuing on one stream must not share temporaries), grown to
+    the largest request and never past SCRATCH_MAX_BYTES."""
+    import threading
+
+    pytest.importorskip("triton")
+    from qkernels.triton import _launch
+
+    cpu = torch.device("cpu")
+    a = _launch._scratch(cpu, 1, 1000)
+    assert _launch._scratch(cpu, 1, 1000) == a  # kept
+    assert _launch._scratch(cpu, 2, 1000) != a  # another stream: another buffer
+    grown = _launch._scratch(cpu, 1, 5000)
+    assert _launch._scratch_buffers.buffers[(cpu, 1)].numel() >= 5000
+    assert _launch._scratch(cpu, 1, 100) == grown  # a smaller request keeps the grown buffer
+    _launch._scratch(cpu, 3, _launch.SCRATCH_MAX_BYTES - 1)
+    _launch._scratch(cpu, 3, _launch.SCRATCH_MAX_BYTES)
+    assert _launch._scratch_buffers.buffers[(cpu, 3)].numel() == _launch.SCRATCH_MAX_BYTES
+    other = []
+    t = threading.Thread(target=lambda: other.append(_launch._scratch(cpu, 1, 1000)))
+    t.start()
+    t.join()
+    assert other and other[0] != grown
+    _launch._scratch_buffers.buffers = None  # hand the test's buffers back

@@ -552,6 +552,59 @@ def test_gpu_replayed_forward_equals_the_direct_one(monkeypatch, backend, kw):
         assert {m for m, _ in replayed} >= {1, 17, 300}, layer._plans  # the replay did run
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["int8-triton", "fp8-triton"])
+def test_gpu_replay_scratch_is_safe_across_streams_and_graph_capture(monkeypatch, backend):
+    """A replayed forward's temporaries (the quantized activation and its scales) live in a
+    scratch buffer per thread, device and stream (qkernels.triton._launch._scratch). Two streams
+    replaying the same layer at once, and a CUDA graph captured from a replay and replayed after
+    eager replays on the same stream, give the direct forward's results bit for bit: the streams
+    have a buffer each, and the capture allocates its own temporaries (the graph keeps them)."""
+    from qkernels.backends.triton_backends import _TritonW8A8
+    from qkernels.triton import _launch
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(3072, 1024, device=dev).to(torch.bfloat16), backend)
+    xs = [torch.randn(16, 3072, dtype=torch.bfloat16, device=dev) * (i + 1) for i in range(8)]
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", False)
+    direct = [layer(x) for x in xs]
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", True)
+    for _ in range(3):
+        layer(xs[0])  # compile, record
+    plan = layer._plans[(16, torch.bfloat16)]
+    assert type(plan) is not int and plan.scratch_bytes > 0
+
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = [None] * len(xs)
+    for i, x in enumerate(xs):  # interleaved issue: each stream's launches overlap the other's
+        with torch.cuda.stream(streams[i % 2]):
+            got[i] = layer(x)
+    for s in streams:
+        torch.cuda.current_stream().wait_stream(s)
+    for i, (a, b) in enumerate(zip(got, direct)):
+        assert torch.equal(a, b), ("two streams", i)
+
+    static = xs[0].clone()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(static)  # warm-up on the capture's stream, as torch documents
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        y_graph = layer(static)
+    for i in (3, 4, 5):  # eager replays on this stream write this stream's scratch in between
+        assert torch.equal(layer(xs[i]), direct[i])
+    static.copy_(xs[6])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_graph, direct[6])
+    assert _launch._scratch_buffers.buffers  # the eager replays did use the scratch
+
+
 def test_fp8_triton_layer_takes_the_tma_gemm_when_enabled(monkeypatch):
     """FP8Triton.TMA_MIN_M routes the layer's GEMM to fp8_gemm_tma (and nothing else changes):
     same result as the default path up to summation order, and the op is the one called."""

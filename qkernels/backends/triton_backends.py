@@ -103,19 +103,20 @@ def _replay_forward(forward, layer, x):
     only on M, the dtype and the layer's tensors; everything else it does per call (the op
     dispatch, the launchers' checks and launch-shape choices, the autotuner and specialization
     keys: a forward cost 49 us of host time on the H200 machine of results/h200, against 13.6 us
-    for a bf16 ``F.linear``) is replayed
-    from a recording (``qkernels.triton._launch.Replay``), per layer and M. The recordings are
-    dropped whenever the layer resolves its backend again (a move, a load, set_backend)."""
+    for a bf16 ``F.linear``) is replayed from a recording (``qkernels.triton._launch.Replay``),
+    per layer and M, with the input as its varying argument and the layer's tensors as held ones,
+    and the quantized activation in the replay's per-stream scratch. The recordings are dropped
+    whenever the layer resolves its backend again (a move, a load, set_backend)."""
     plans = layer._plans
     key = (x.shape[0], x.dtype)
     plan = plans.get(key)
     b = layer._buffers
-    inputs = (x, b["weight"], b["weight_scale"], b["bias"], b["input_scale"], b["input_smooth"])
+    held = (b["weight"], b["weight_scale"], b["bias"], b["input_scale"], b["input_smooth"])
     if type(plan) is int:  # recording failed that many times (first calls compile or tune)
         if plan >= _RECORD_TRIES:
             return forward(layer, x)
     elif plan is not None:
-        y = plan(*inputs)
+        y = plan((x,), held)
         if y is not None:
             return y
         return forward(layer, x)
@@ -123,7 +124,7 @@ def _replay_forward(forward, layer, x):
         return forward(layer, x)
     from ..triton._launch import Replay
 
-    y, plan = Replay.record(lambda *_: forward(layer, x), *inputs)
+    y, plan = Replay.record(lambda *_: forward(layer, x), (x,), held)
     plans[key] = plan if plan is not None else plans.get(key, 0) + 1
     return y
 

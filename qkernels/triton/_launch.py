@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -178,42 +179,54 @@ class Replay:
     places and none of the call's Python: its checks, launch-shape choices, autotuner keys,
     specialization keys and the launcher's lookups, paid once.
 
-    Built by :meth:`record` from one real call of ``fn(*inputs)``. A tensor argument of a launch
-    that is one of ``inputs`` is read from the inputs of each replay; any other tensor argument
-    was allocated by the call (a kernel's output) and each replay allocates a new one like it
-    (never reused: a result may outlive the next call). Everything else (ints, floats, the grid,
-    the compiled kernel) is what the recorded call launched with, so a Replay is only valid for
-    the inputs it was recorded on: the same non-tensor arguments (the caller's key), and per
-    input the same None-ness, dtype, shape, strides and 16-byte alignment (checked each call:
-    the launches were sized and specialized on them). ``__call__`` returns None where it cannot replay (another device, a
-    launch hook such as a profiler registered, an input that differs): call ``fn`` then.
+    Built by :meth:`record` from one real call of ``fn(*args, *held)``. ``args`` are what changes
+    per call (a layer's input), ``held`` what a caller passes again each call (the layer's own
+    tensors). A tensor argument of a launch that is one of them is read from each replay's; any
+    other tensor argument was allocated by the call. The call's result is allocated anew each
+    replay (never reused: a result may outlive the next call); its other allocations are
+    temporaries (the quantized activation and its scales: the call may not keep them) and, up to
+    :data:`SCRATCH_MAX_BYTES` in all, live in a scratch buffer kept per thread, device and stream:
+    work on one stream runs in order, so the next call's launches write it only after this call's
+    have read it. Under CUDA-graph capture they are allocated as the call allocated them (a graph
+    keeps the addresses it captured). Everything else (ints, floats, the grid, the compiled
+    kernel) is what the recorded call launched with, so a Replay is only valid for the inputs it
+    was recorded on: the same non-tensor arguments (the caller's key); per ``args`` tensor the
+    same None-ness, dtype, shape, strides and 16-byte alignment; per ``held`` tensor the same
+    tensor object at the same address (a replaced or re-pointed weight is a mismatch). Checked
+    each call: the launches were sized and specialized on them. Tensors reach the launches as
+    device addresses (Triton's launcher takes an int as a pointer and skips its per-tensor
+    ``data_ptr`` call and driver query). ``__call__`` returns None where it cannot replay
+    (another device, a launch hook such as a profiler registered, an input that differs): call
+    ``fn`` then.
     """
 
-    __slots__ = ("device", "inputs", "fresh", "launches", "result")
+    __slots__ = ("device", "specs", "held", "fresh", "scratch", "scratch_bytes", "launches", "result", "cuda")
 
     @classmethod
-    def record(cls, fn, *inputs):
-        """``(fn(*inputs), replay or None)``: None where the call is not replayable (it launched
-        through Triton's own path, ran other aten ops, returned something not launched into, ...)."""
+    def record(cls, fn, args: tuple, held: tuple = ()):
+        """``(fn(*args, *held), replay or None)``: None where the call is not replayable (it
+        launched through Triton's own path, ran other aten ops, returned something not launched
+        into, ...)."""
         mode = _FactoryOnly()
         with recording() as launches, mode:
-            result = fn(*inputs)
-        return result, cls._build(launches, inputs, result, mode.other)
+            result = fn(*args, *held)
+        return result, cls._build(launches, args, held, result, mode.other)
 
     @classmethod
-    def _build(cls, launches, inputs, result, other_ops):
+    def _build(cls, launches, args, held, result, other_ops):
         if not launches or None in launches or other_ops or not isinstance(result, torch.Tensor):
             return None
         devices = {launch[4] for launch in launches}
         if len(devices) != 1:
             return None
+        inputs = (*args, *held)
         ids = {id(t): i for i, t in enumerate(inputs) if t is not None}
         fresh: dict[int, int] = {}  # id -> index in the replay's value list
-        fresh_specs = []
+        fresh_tensors = []
         plan = []
-        for kernel, grid, args, tail, _ in launches:
-            template, slots = list(args), []
-            for pos, a in enumerate(args):
+        for kernel, grid, launch_args, tail, _ in launches:
+            template, slots = list(launch_args), []
+            for pos, a in enumerate(launch_args):
                 if isinstance(a, torch.Tensor):
                     if id(a) in ids:
                         slots.append((pos, ids[id(a)]))
@@ -221,8 +234,8 @@ class Replay:
                     if id(a) not in fresh:
                         if a.storage_offset() != 0 or not a.is_contiguous() or a.data_ptr() & 15:
                             return None  # a view: not something a replay can allocate
-                        fresh[id(a)] = len(inputs) + len(fresh_specs)
-                        fresh_specs.append((tuple(a.shape), a.dtype, a.device))
+                        fresh[id(a)] = len(inputs) + len(fresh_tensors)
+                        fresh_tensors.append(a)
                     slots.append((pos, fresh[id(a)]))
                 elif not (a is None or type(a) in (int, float, bool)):
                     return None  # a host-side object built per call (a TMA descriptor)
@@ -233,33 +246,91 @@ class Replay:
             return None
         self = cls.__new__(cls)
         self.device = devices.pop()
-        self.inputs = cls._specs(inputs)
-        self.fresh = tuple(fresh_specs)
-        self.launches = tuple(plan)
+        self.specs = cls._specs(args)
+        self.held = tuple(None if t is None else (weakref.ref(t), t.data_ptr()) for t in held)
+        self.fresh = tuple((tuple(t.shape), t.dtype, t.device) for t in fresh_tensors)
         self.result = fresh[id(result)]
+        # the temporaries' places in one scratch buffer: (index in the value list, byte offset)
+        self.scratch, offset = [], 0
+        for i, t in enumerate(fresh_tensors):
+            if t is not result:
+                self.scratch.append((len(inputs) + i, offset))
+                offset += -(-t.numel() * t.element_size() // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        self.scratch = tuple(self.scratch)
+        self.scratch_bytes = offset if 0 < offset <= SCRATCH_MAX_BYTES else 0
+        self.cuda = result.device.type == "cuda"
+        self.launches = tuple(plan)
         return self
 
     @staticmethod
-    def _specs(inputs) -> tuple:
-        # What a launch was specialized or sized on, per input (~2 us for six inputs).
-        return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15 == 0) for t in inputs)
+    def _specs(args) -> tuple:
+        # What a launch was specialized or sized on, per varying input (~0.4 us each).
+        return tuple(None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15 == 0) for t in args)
 
-    @classmethod
-    def inputs_match(cls, inputs, specs) -> bool:
-        """Each input as recorded: None-ness, dtype, shape, strides, 16-byte alignment."""
-        return cls._specs(inputs) == specs
+    def matches(self, args: tuple, held: tuple) -> bool:
+        """``args`` as recorded (None-ness, dtype, shape, strides, 16-byte alignment) and ``held``
+        the recorded tensors at their recorded addresses."""
+        if self._specs(args) != self.specs or len(held) != len(self.held):
+            return False
+        for t, h in zip(held, self.held):
+            if t is None or h is None:
+                if t is not h:
+                    return False
+            elif h[0]() is not t or t.data_ptr() != h[1]:
+                return False
+        return True
 
-    def __call__(self, *inputs):
+    def __call__(self, args: tuple, held: tuple = ()):
         """The replayed result, or None (see the class doc). Not under torch.compile: the caller
         checks that, once, before it looks a replay up."""
-        if not self.inputs_match(inputs, self.inputs) or _hooks_registered() or \
-                driver.active.get_current_device() != self.device:
+        if not self.matches(args, held) or _hooks_registered() or driver.active.get_current_device() != self.device:
             return None
-        values = [*inputs, *[torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in self.fresh]]
         stream = driver.active.get_current_stream(self.device)
+        # the value list: args, held, then the call's allocations in the order it made them
+        values = [None if t is None else t.data_ptr() for t in args]
+        values += [None if h is None else h[1] for h in self.held]
+        if self.scratch_bytes and not (self.cuda and torch.cuda.is_current_stream_capturing()):
+            shape, dtype, device = self.fresh[self.result - len(values)]
+            base = _scratch(device, stream, self.scratch_bytes)
+            values += [0] * len(self.fresh)
+            for i, offset in self.scratch:
+                values[i] = base + offset
+            result = values[self.result] = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            values += [torch.empty(s, dtype=d, device=dev) for s, d, dev in self.fresh]
+            result = values[self.result]
         for run, grid, function, packed, template, slots, tail in self.launches:
-            args = template.copy()
+            launch_args = template.copy()
             for pos, i in slots:
-                args[pos] = values[i]
-            run(*grid, stream, function, packed, None, None, None, *args, *tail)
-        return values[self.result]
+                launch_args[pos] = values[i]
+            run(*grid, stream, function, packed, None, None, None, *launch_args, *tail)
+        return result
+
+
+# A replay's temporaries (see Replay) up to this many bytes go in the scratch buffer: at the
+# small token counts where host time matters (a [2048, 12288] fp8 activation is 24 MiB) and not
+# past them, where one allocation is noise beside the GEMM and a buffer that size would be kept.
+SCRATCH_MAX_BYTES = 32 << 20
+_SCRATCH_ALIGN = 256  # each temporary's offset: past any kernel's alignment assumption (16)
+
+
+class _Scratch(threading.local):
+    buffers: dict | None = None
+
+
+_scratch_buffers = _Scratch()
+
+
+def _scratch(device: torch.device, stream: int, nbytes: int) -> int:
+    """The address of this thread's scratch buffer for ``device`` and ``stream``, at least
+    ``nbytes`` long (grown by reallocation: the old buffer goes back to the caching allocator,
+    which hands it out again only in this stream's order)."""
+    buffers = _scratch_buffers.buffers
+    if buffers is None:
+        buffers = _scratch_buffers.buffers = {}
+    key = (device, stream)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < nbytes:
+        size = max(nbytes, 2 * buf.numel() if buf is not None else 0)
+        buf = buffers[key] = torch.empty(min(size, SCRATCH_MAX_BYTES), dtype=torch.uint8, device=device)
+    return buf.data_ptr()

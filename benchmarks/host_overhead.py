@@ -52,7 +52,7 @@ def _time_round(fn, x, reps: int, device: torch.device) -> tuple[float, float]:
 
 
 def _time_cases(cases: list[tuple[dict, object, torch.Tensor, bool]], reps: int, device: torch.device,
-                rounds: int) -> None:
+                rounds: int, quiet: bool = False) -> None:
     """Time every (row, fn, x, replay) case round-robin, ``rounds`` times, and keep each case's
     best round in its row; ``replay`` is the Triton backends' ``REPLAY`` during the case's rounds
     (so with and without replay are timed in the same rounds). On a shared 2-core VM the same
@@ -76,7 +76,8 @@ def _time_cases(cases: list[tuple[dict, object, torch.Tensor, bool]], reps: int,
         if device.type == "cuda":
             row["wall_us"] = best[i][1]
         row["status"] = "ok"
-        _progress(row)
+        if not quiet:
+            _progress(row)
 
 
 def _quantized(lin: nn.Linear, backend: str, activation: str, x: torch.Tensor):
@@ -131,8 +132,58 @@ def _simulated_rows(args, rows: list[dict]) -> list[dict]:
 
                         _add_case(rows, cases, row, build, x)
         _time_cases(cases, args.reps, cpu, args.rounds)
+        if args.blocks:
+            _block_rows(args, rows, cpu, "tiny")
     rows.insert(0, reference)
     return rows
+
+
+BLOCK_VARIANTS = (("bf16", None, True), ("fp8-triton+fused", "fp8-triton", True),
+                  ("fp8-triton+fused+noreplay", "fp8-triton", False))
+
+
+def _block_rows(args, rows: list[dict], device: torch.device, size: str) -> None:
+    """Host time per Qwen-Image block: a demo transformer of ``size`` with 1 and with 1 +
+    ``args.blocks`` blocks, timed in the same rounds, (T(1 + n) - T(1)) / n per forward (the
+    model's embedders, RoPE tables and output layers cancel out). 8x8 latent patches plus an
+    8x8 reference and 16 text tokens: at that size every variant is host-bound. bf16 is diffusers'
+    own block; ours is quantized and fused (``quantize_model(..., fuse=True)``)."""
+    from qpipeline.demo import build_demo_transformer, demo_inputs
+    from qpipeline.quantize import quantize_model
+
+    n = args.blocks
+    cases, pending = [], []
+    for name, backend, replay in BLOCK_VARIANTS:
+        row = dict(bench="host", variant=name, family="bf16" if backend is None else "qkernels",
+                   format="none" if backend is None else "w8a8-fp8", activation="block", mode=device.type if
+                   device.type == "cuda" else "simulated-driver", M=64 + 64 + 16, K=None, N=None, reps=args.reps,
+                   note=f"per block: (T({1 + n} blocks) - T(1)) / {n}, demo size {size}, 144 tokens")
+        try:
+            timed = []
+            for blocks in (1, 1 + n):
+                model = build_demo_transformer(size, num_layers=blocks, device=device)
+                if backend is not None:
+                    report = quantize_model(model, backend, fuse=True)
+                    if report.kept:
+                        raise RuntimeError(f"blocks not fused: {report.kept[0][1]}")
+                inputs = demo_inputs(model, image_hw=(8, 8), reference_hw=(8, 8), text_tokens=16)
+                fn = (lambda model, inputs: lambda _: model(**inputs))(model, inputs)
+                for _ in range(4):  # compile, tune, record
+                    fn(None)
+                timed.append(dict(row))
+                cases.append((timed[-1], fn, None, replay))
+            pending.append((row, timed))
+        except Exception as exc:
+            row["status"] = harness.fmt_status(exc)
+            _progress(row)
+        rows.append(row)
+    _time_cases(cases, max(1, args.reps // 10), device, args.rounds, quiet=True)
+    for row, (one, more) in pending:
+        row["host_us"] = (more["host_us"] - one["host_us"]) / n
+        if device.type == "cuda":
+            row["wall_us"] = (more["wall_us"] - one["wall_us"]) / n
+        row["status"] = "ok"
+        _progress(row)
 
 
 def _cuda_rows(args, rows: list[dict]) -> list[dict]:
@@ -169,6 +220,8 @@ def _cuda_rows(args, rows: list[dict]) -> list[dict]:
 
                         _add_case(rows, cases, row, build, x, v.replay)
         _time_cases(cases, args.reps, device, args.rounds)
+        if args.blocks:
+            _block_rows(args, rows, device, "full-width")
     return rows
 
 
@@ -198,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=15, help="rounds over all cases (each case's best is kept)")
     p.add_argument("--only", default=None, help="CUDA: comma list of variant names (bf16 always kept)")
     p.add_argument("--no-peers", action="store_true", help="CUDA: skip torchao / bitsandbytes / diffusers")
+    p.add_argument("--blocks", type=int, default=4,
+                   help="host time per Qwen-Image block from 1 and 1 + this many blocks (0: skip; needs diffusers)")
     return p
 
 

@@ -149,10 +149,6 @@ def cuda_path_on_cpu():
     from qkernels.backends import triton_backends as tb
     from qkernels.ops import KernelOp
 
-    import qkernels.triton as kernels
-
-    common = importlib.import_module("qkernels.triton._common")
-    quant = importlib.import_module("qkernels.triton.quant")
     saved = []
 
     def patch(obj, name, value):
@@ -163,12 +159,14 @@ def cuda_path_on_cpu():
     patch(tb, "fp8_gemm_reason", lambda device: None)
     patch(tb, "_kernels", lambda x: tb._OPS)
     patch(tb, "_replays", lambda x: not torch.compiler.is_compiling())
-    patch(common, "check_device", lambda *tensors: None)
-    patch(quant, "check_device", lambda *tensors: None)
+    for name in ("_common", "quant", "fused", "int8_gemm", "fp8_gemm", "weight_only_gemm"):
+        module = importlib.import_module(f"qkernels.triton.{name}")
+        if hasattr(module, "check_device"):  # each module's own binding of _common.check_device
+            patch(module, "check_device", lambda *tensors: None)
     ops: list[tuple[KernelOp, object]] = []
-    for op, launcher in tb._CUDA_KERNELS.items():
+    for op in tb._CUDA_KERNELS:
         ops.append((op, op._impls.get("cpu")))
-        op.register("cpu", getattr(kernels, launcher))
+        op.register("cpu", tb.cuda_impl(op))  # what CUDA runs: the launcher, or its replaying wrapper
     try:
         yield
     finally:

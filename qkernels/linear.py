@@ -351,12 +351,12 @@ class QuantLinear(nn.Module):
         if q.shape[-1] != self.in_features:
             raise InputError(f"quantized input {tuple(q.shape)} on {q.device}; layer expects {self.in_features} "
                              f"features on {self.weight.device}")
-        lead = q.shape[:-1]
-        q2d = q.reshape(-1, self.in_features)
+        flat = q.dim() == 2  # [M, K] already (the fused blocks' case): no reshape in or out
+        q2d = q if flat else q.reshape(-1, self.in_features)
         if scale.shape != (q2d.shape[0],):
             raise InputError(f"scale must have one value per row ({q2d.shape[0]}), got {tuple(scale.shape)}")
         y = self._backend.gemm(self, q2d, scale, x.dtype, gelu, residual, gate, gate_rows)
-        return y.reshape(*lead, self.out_features)
+        return y if flat else y.reshape(*q.shape[:-1], self.out_features)
 
     # ----------------------------------------------------------------------------------------
     # run-time LoRA

@@ -190,6 +190,92 @@ def replay_checks(sim) -> None:
                 layer.to(torch.float32)  # the bias is cast: recordings of the bf16 bias go
                 check(f"replay {backend} {what}: a cast drops the recordings", layer._plans == {})
 
+        # the GEMM on an already-quantized activation (the fused blocks' path), with each epilogue
+        from qkernels import ops
+        from qkernels.linear import QuantizedActivation
+
+        for backend in ("int8-triton", "fp8-triton"):
+            layer = QuantLinear.from_linear(lin, backend)
+            for m in (16, 1, 17):
+                x = aligned((m, 96), torch.bfloat16)
+                q, s = ops.quantize_per_token(x, None, backend == "fp8-triton")
+                act = QuantizedActivation(q, s, x.dtype)
+                residual = aligned((m, 128), torch.bfloat16)
+                mod = aligned((2, 3 * 128), torch.bfloat16)
+                gate = mod[:, 128:256]  # a strided view, as the block's gate slice of img_mod
+                rows = torch.zeros(m, dtype=torch.int32)
+                for what, kw in (("plain", {}), ("gelu", dict(gelu=True)),
+                                 ("gated residual", dict(residual=residual, gate=gate, gate_rows=rows))):
+                    def run(replay):
+                        tb._TritonW8A8.REPLAY = replay
+                        try:
+                            before = len(sim.launches)
+                            return layer.forward_quantized(act, **kw), sim.launches[before:]
+                        finally:
+                            tb._TritonW8A8.REPLAY = True
+
+                    for _ in range(3):  # compile, record, replay
+                        y, replayed = run(True)
+                    y_ref, direct = run(False)
+                    known = {t.data_ptr() for t in (q, s, residual, gate, rows, *layer._buffers.values())
+                             if t is not None}
+                    new = {}
+                    name = f"replay {backend} gemm {what} m={m}"
+                    check(f"{name}: {[launch.kernel for launch in replayed]} as launched directly",
+                          len(replayed) == len(direct) == 1 and same(replayed[0], direct[0], known, new)
+                          and y.shape == y_ref.shape and y.dtype == y_ref.dtype and list(new) == [y.data_ptr()])
+            check(f"replay {backend} gemm: one recording per (M, epilogue)",
+                  sum(type(p) is not int for p in layer._plans.values()) == 9)
+
+
+def op_replay_checks(sim) -> None:
+    """The ops the fused blocks call directly are replayed per call signature on CUDA
+    (``triton_backends._replaying``): a replayed call launches what the direct call launches
+    (same kernel, grid, scalars; the input at the input's address, new outputs), and a call that
+    differs only in a non-tensor argument (fp8 vs int8) gets its own recording. Then a whole
+    fused Qwen-Image forward, replayed, launches the same kernels, grids and scalars as direct."""
+    from qkernels import ops
+    from qkernels.backends import triton_backends as tb
+
+    def run(fn, replay):
+        tb._TritonW8A8.REPLAY = replay
+        try:
+            before = len(sim.launches)
+            out = fn()
+            return out, sim.launches[before:]
+        finally:
+            tb._TritonW8A8.REPLAY = True
+
+    def scalars(launch):
+        return launch.kernel_hash, launch.grid, tuple(a if not isinstance(a, (torch.Tensor, int)) or type(a) is bool
+                                                      else "ptr" if isinstance(a, torch.Tensor) or a > 1 << 32 else a
+                                                      for a in launch.args)
+
+    with cuda_path_on_cpu(), torch.no_grad():
+        x = aligned((16, 96), torch.bfloat16)
+        for fp8 in (False, True, False, True):
+            fn = lambda: ops.quantize_per_token(x, None, fp8)  # noqa: E731
+            for _ in range(3):
+                (q, s), replayed = run(fn, True)
+            _, direct = run(fn, False)
+            check(f"op replay quantize_per_token fp8={fp8}: {[l.kernel for l in replayed]} as launched directly",
+                  len(replayed) == len(direct) == 1 and replayed[0].kernel_hash == direct[0].kernel_hash
+                  and replayed[0].args[0] == x.data_ptr() and q.dtype == (torch.float8_e4m3fn if fp8 else torch.int8))
+        plans = tb.cuda_impl(ops.quantize_per_token)  # a new wrapper: its own (empty) recordings
+        check("op replay: each wrapper keeps its own recordings", plans.plans == {})
+
+        from qpipeline.demo import build_demo_transformer, demo_inputs
+        from qpipeline.quantize import quantize_model
+
+        model = build_demo_transformer("tiny", num_layers=2)
+        quantize_model(model, "fp8-triton", fuse=True)
+        inputs = demo_inputs(model, image_hw=(4, 4), reference_hw=(4, 4), text_tokens=8)
+        for _ in range(3):
+            _, replayed = run(lambda: model(**inputs), True)
+        _, direct = run(lambda: model(**inputs), False)
+        check(f"op replay: a fused forward, replayed, launches what it launches directly ({len(direct)} launches)",
+              len(replayed) == len(direct) > 0 and all(scalars(a) == scalars(b) for a, b in zip(replayed, direct)))
+
 
 def record_checks(sim) -> None:
     """What ``Replay.record`` refuses: a call that runs an aten op besides allocating, one whose
@@ -213,6 +299,18 @@ def _record_checks(quant, Replay, x) -> None:
     check("record: a first call (Triton's own path) is not", plan is None)
     _, plan = Replay.record(lambda x: (quant.quantize_per_token(x, None, False), x)[1], (x,))
     check("record: a call returning its input is not", plan is None)
+    (q, s), plan = Replay.record(lambda x: quant.quantize_per_token(x, None, False), (x,))
+    out = plan((x,)) if plan is not None else None
+    check("record: a call returning a tuple of its outputs is replayed into new ones",
+          isinstance(out, tuple) and len(out) == 2 and [(t.shape, t.dtype) for t in out] ==
+          [(q.shape, q.dtype), (s.shape, s.dtype)] and out[0].data_ptr() != q.data_ptr())
+    smooth = torch.rand(96) + 0.5  # made before the call, not passed as an input: a constant
+    quant.quantize_per_token(x, smooth, False)  # compile the smoothed kernel
+    _, plan = Replay.record(lambda x: quant.quantize_per_token(x, smooth, False)[0], (x,))
+    check("record: a tensor made before the call is a constant of the replay",
+          plan is not None and any(c is smooth for c in plan.constants))
+    _, plan = Replay.record(lambda x: (lambda qs: (qs[0], qs[0]))(quant.quantize_per_token(x, None, False)), (x,))
+    check("record: a call returning one tensor twice is not", plan is None)
 
 
 def main(argv: list[str]) -> int:
@@ -225,6 +323,14 @@ def main(argv: list[str]) -> int:
         _launch.specialization = no_alignment
     if "--break-replay" in argv:  # the bug the replay checks must catch: inputs never checked
         _launch.Replay.matches = lambda self, args, held: True
+    if "--break-gemm-key" in argv:  # the bug the GEMM replay checks must catch: gelu not in the key
+        from qkernels.backends import triton_backends as tb
+
+        tb._gemm_key = lambda q, out_dtype, gelu, residual, gate, gate_rows: (q.shape[0], out_dtype)
+    if "--break-op-key" in argv:  # the bug the op replay checks must catch: scalars not in the key
+        from qkernels.backends import triton_backends as tb
+
+        tb._op_key = lambda args: tuple((a.dtype, a.shape) for a in args if isinstance(a, torch.Tensor))
     with simulated_driver() as sim:
         quant_checks(sim)
         gemm_checks(sim)
@@ -232,6 +338,7 @@ def main(argv: list[str]) -> int:
             layer_checks(sim)
         if "--no-replay" not in argv:
             record_checks(sim)
+            op_replay_checks(sim)
             replay_checks(sim)
     print("all launch checks passed")
     return 0

@@ -242,18 +242,23 @@ def test_gpu_suite_dry_run_plumbing(tmp_path):
 def test_host_overhead_simulated(tmp_path):
     """benchmarks.host_overhead --simulate (in a subprocess: it needs real Triton JIT functions)
     writes one measured row per (backend, activation, M), each forward two launches (one for the
-    fused static int8 kernel at M <= 64), and the torch-op reference row."""
+    fused static int8 kernel at M <= 64), the torch-op reference row, and the per-block rows
+    (bf16, fused with and without the replay)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--simulate", "--shapes", "96x128",
-                           "--m", "16", "--reps", "20", "--out", str(tmp_path)],
+                           "--m", "16", "--reps", "20", "--blocks", "1", "--rounds", "3", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     header, rows = _read_csv(tmp_path / "host.csv")
     assert header == harness.ENV_COLUMNS + host_overhead.COLUMNS
     measured = {(r["variant"], r["activation"]): r for r in rows if r["status"] == "ok"}
     assert set(measured) == {("torch-op", "-"), *((b, a) for b in host_overhead.SIMULATED
-                                                  for a in ("dynamic", "static"))}
+                                                  for a in ("dynamic", "static")),
+                             *((name, "block") for name, _, _ in host_overhead.BLOCK_VARIANTS)}
     for (variant, activation), r in measured.items():
+        if activation == "block":  # a difference of two timings: positive unless noise swamps a block
+            assert float(r["host_us"]) > 0, r
+            continue
         assert float(r["host_us"]) > 0
         if variant != "torch-op":
             fused = variant == "int8-triton" and activation == "static"

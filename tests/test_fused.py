@@ -600,6 +600,32 @@ def test_cuda_graph_replay_equals_eager():
     assert torch.equal(model(**cases[0])[0], eager[0])
 
 
+@pytest.mark.gpu
+@torch.no_grad()
+def test_replayed_fused_forward_equals_the_direct_one(monkeypatch):
+    """On CUDA the fused blocks' calls are replayed (each layer's GEMM per (M, epilogue), the
+    norm / quant / RoPE ops per call signature: qkernels.backends.triton_backends): a replayed
+    forward equals the one through the ops and launchers bit for bit, for new inputs of a
+    recorded shape and a second shape, every earlier output kept intact."""
+    from qkernels.backends.triton_backends import _TritonW8A8
+    from qpipeline import quantize_model
+    from qpipeline.demo import build_demo_transformer, demo_inputs
+
+    model = build_demo_transformer("small", num_layers=2, zero_cond_t=True, device="cuda")
+    quantize_model(model, "fp8-triton", fuse=True)
+    cases = [demo_inputs(model, image_hw=hw, reference_hw=hw, text_tokens=20, seed=s)
+             for hw, s in (((8, 8), 0), ((8, 8), 1), ((12, 8), 2), ((8, 8), 3), ((12, 8), 4))]
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", False)
+    direct = [model(**inp)[0].clone() for inp in cases]
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", True)
+    for _ in range(2):  # record
+        for inp in cases:
+            model(**inp)
+    got = [model(**inp)[0] for inp in cases]
+    for i, (a, b) in enumerate(zip(got, direct)):
+        assert torch.equal(a, b), i
+
+
 @torch.no_grad()
 def test_graphed_blocks_run_padded_inputs_eagerly(monkeypatch):
     """Where the eager fused blocks slice padded text keys out (CUDA), a graph keyed by shape could

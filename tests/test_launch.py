@@ -51,6 +51,24 @@ def test_replay_checks_catch_a_replay_that_ignores_its_inputs():
     assert "FAIL replay int8-triton dynamic m=16 misaligned x" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.slow
+def test_replay_checks_catch_a_gemm_key_without_its_epilogue():
+    """The GEMM replay checks fail when the replay's key leaves out the GELU flag (a recorded
+    plain GEMM would then be replayed for a GELU call)."""
+    out = _run("--break-gemm-key", "--no-layer")
+    assert out.returncode != 0
+    assert "FAIL replay int8-triton gemm gelu m=16" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_op_replay_checks_catch_a_key_without_the_scalar_arguments():
+    """The op replay checks fail when an op's replay is keyed on its tensors only (an int8
+    recording would then be replayed for an fp8 call)."""
+    out = _run("--break-op-key", "--no-layer")
+    assert out.returncode != 0
+    assert "FAIL op replay quantize_per_token fp8=True" in out.stdout, out.stdout + out.stderr
+
+
 def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped():
     """The replay's scratch buffer (qkernels.triton._launch._scratch): one per (device, stream)
     and per thread (two threads issuing on one stream must not share temporaries), grown to

@@ -554,6 +554,42 @@ def test_gpu_replayed_forward_equals_the_direct_one(monkeypatch, backend, kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["int8-triton", "fp8-triton"])
+def test_gpu_replayed_gemm_equals_the_direct_one(monkeypatch, backend):
+    """The fused blocks' GEMM on a quantized activation (``forward_quantized``) is replayed from
+    its third call per (M, epilogue): bit-equal to the un-replayed call for the plain, GELU and
+    gated-residual epilogues (a strided gate view, as the blocks pass), M = 1 / 17 / 300, and
+    each kept result its own."""
+    from qkernels.backends.triton_backends import _TritonW8A8
+    from qkernels.linear import QuantizedActivation
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(3072, 1024, device=dev).to(torch.bfloat16), backend)
+    fp8 = backend == "fp8-triton"
+    cases = []
+    for m in (1, 17, 300):
+        for i in range(3):
+            x = torch.randn(m, 3072, dtype=torch.bfloat16, device=dev)
+            act = QuantizedActivation(*ops.quantize_per_token(x, None, fp8), x.dtype)
+            mod = torch.randn(2, 3 * 1024, dtype=torch.bfloat16, device=dev)
+            rows = torch.randint(0, 2, (m,), dtype=torch.int32, device=dev)
+            residual = torch.randn(m, 1024, dtype=torch.bfloat16, device=dev)
+            for kw in ({}, dict(gelu=True), dict(residual=residual, gate=mod[:, 1024:2048], gate_rows=rows)):
+                cases.append((act, kw))
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", False)
+    direct = [layer.forward_quantized(act, **kw) for act, kw in cases]
+    monkeypatch.setattr(_TritonW8A8, "REPLAY", True)
+    for _ in range(2):  # compile / record
+        for act, kw in cases:
+            layer.forward_quantized(act, **kw)
+    got = [layer.forward_quantized(act, **kw) for act, kw in cases]
+    for i, (a, b) in enumerate(zip(got, direct)):
+        assert torch.equal(a, b), (backend, i)
+    assert sum(type(p) is not int for p in layer._plans.values()) == 9, layer._plans  # 3 M x 3 epilogues
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["int8-triton", "fp8-triton"])
 def test_gpu_replay_scratch_is_safe_across_streams_and_graph_capture(monkeypatch, backend):
     """A replayed forward's temporaries (the quantized activation and its scales) live in a
     scratch buffer per thread, device and stream (qkernels.triton._launch._scratch). Two streams

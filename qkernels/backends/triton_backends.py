@@ -42,14 +42,25 @@ _CUDA_KERNELS = {
     fused.layernorm_modulate_quant: "layernorm_modulate_quant",
     fused.qk_norm_rope: "qk_norm_rope",
 }
+# The ops the fused blocks call directly, replayed per call signature on CUDA (cuda_impl).
+_REPLAYED_OPS = (ops.quantize_per_token, ops.quantize_per_tensor, fused.layernorm_modulate_quant,
+                 fused.qk_norm_rope, fused.gemm_epilogue)
 
 
-def _lazy_cuda_impl(op, launcher: str):
+def cuda_impl(op):
+    """``op``'s CUDA implementation: its Triton launcher; for the ops the fused blocks call
+    directly (not through a layer, whose calls are replayed per layer) a replaying wrapper of it
+    (see _replaying). Imports qkernels.triton."""
+    from .. import triton as kernels
+
+    impl = getattr(kernels, _CUDA_KERNELS[op])
+    return _replaying(impl) if op in _REPLAYED_OPS else impl
+
+
+def _lazy_cuda_impl(op):
     def first_call(*args):
         try:
-            from .. import triton as kernels
-
-            impl = getattr(kernels, launcher)
+            impl = cuda_impl(op)
         except Exception as exc:  # a broken triton install must not break CUDA inference
             log.warning("Triton kernels unavailable (%s): %s runs its PyTorch reference on CUDA", exc, op.name)
             impl = op.reference
@@ -60,8 +71,8 @@ def _lazy_cuda_impl(op, launcher: str):
 
 
 if importlib.util.find_spec("triton") is not None:
-    for _op, _name in _CUDA_KERNELS.items():
-        _op.register("cuda", _lazy_cuda_impl(_op, _name))
+    for _op in _CUDA_KERNELS:
+        _op.register("cuda", _lazy_cuda_impl(_op))
 
 # The ops by their names (dispatching to the Triton launchers on CUDA and working under
 # torch.compile(fullgraph=True)), and the same names bound straight to the launchers for the CPU
@@ -96,37 +107,73 @@ class _Launchers:
         return getattr(kernels, self._names[op_name])
 
 
-def _replay_forward(forward, layer, x):
-    """``forward(layer, x)`` on CUDA, replayed after its first calls at this (M, dtype).
+def _replayed(layer, key, call, args: tuple):
+    """``call()`` on CUDA, replayed after its first calls for this ``key`` (everything about
+    the call that is not a tensor: M, dtypes, epilogue flags).
 
-    A layer's forward is two launches (one for int8 static at small M) whose arguments depend
-    only on M, the dtype and the layer's tensors; everything else it does per call (the op
-    dispatch, the launchers' checks and launch-shape choices, the autotuner and specialization
-    keys: a forward cost 49 us of host time on the H200 machine of results/h200, against 13.6 us
-    for a bf16 ``F.linear``) is replayed from a recording (``qkernels.triton._launch.Replay``),
-    per layer and M, with the input as its varying argument and the layer's tensors as held ones,
-    and the quantized activation in the replay's per-stream scratch. The recordings are dropped
-    whenever the layer resolves its backend again (a move, a load, set_backend)."""
-    plans = layer._plans
-    key = (x.shape[0], x.dtype)
-    plan = plans.get(key)
+    A layer's forward is two launches (one for int8 static at small M), its GEMM on an already
+    quantized activation one, whose arguments depend only on the key and the tensors; everything
+    else it does per call (the op dispatch, the launchers' checks and launch-shape choices, the
+    autotuner and specialization keys: a forward cost 49 us of host time on the H200 machine of
+    results/h200, against 13.6 us for a bf16 ``F.linear``) is replayed from a recording
+    (``qkernels.triton._launch.Replay``), per layer and key, with ``args`` as the varying tensors
+    and the layer's own as held ones, and the quantized activation of a forward in the replay's
+    per-stream scratch. The recordings are dropped whenever the layer resolves its backend again
+    (a move, a load, set_backend)."""
     b = layer._buffers
     held = (b["weight"], b["weight_scale"], b["bias"], b["input_scale"], b["input_smooth"])
+    return _replay_call(layer._plans, key, call, args, held)
+
+
+def _replay_call(plans: dict, key, call, args: tuple, held: tuple, max_plans: int = 32):
+    """``call()``, from the recording in ``plans[key]`` once there is one (see _replayed)."""
+    plan = plans.get(key)
     if type(plan) is int:  # recording failed that many times (first calls compile or tune)
         if plan >= _RECORD_TRIES:
-            return forward(layer, x)
+            return call()
     elif plan is not None:
-        y = plan((x,), held)
-        if y is not None:
-            return y
-        return forward(layer, x)
-    if len(plans) >= _MAX_PLANS:
-        return forward(layer, x)
+        y = plan(args, held)
+        return y if y is not None else call()
+    if len(plans) >= max_plans:
+        return call()
     from ..triton._launch import Replay
 
-    y, plan = Replay.record(lambda *_: forward(layer, x), (x,), held)
+    y, plan = Replay.record(lambda *_: call(), args, held)
     plans[key] = plan if plan is not None else plans.get(key, 0) + 1
     return y
+
+
+def _op_key(args: tuple) -> tuple:
+    """A replayed op's call signature: each tensor's dtype and shape, every other argument itself."""
+    return tuple((a.dtype, a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _replaying(impl):
+    """``impl`` (a launcher), replayed per call signature: every non-tensor argument and each
+    tensor's dtype and shape (two models of different widths, or the text and image streams, get
+    recordings of their own). Only where a layer's replay is on (``_TritonW8A8.REPLAY``), not
+    under torch.compile, and not while a layer's call is being recorded (its launches belong to
+    that recording)."""
+    from ..triton import _launch
+
+    plans: dict = {}
+    recorder = _launch._recorder
+
+    def call(*args):
+        if not _TritonW8A8.REPLAY or recorder.launches is not None or torch.compiler.is_compiling():
+            return impl(*args)
+        tensors = tuple(a for a in args if a is None or isinstance(a, torch.Tensor))
+        return _replay_call(plans, _op_key(args), lambda: impl(*args), tensors, (), _MAX_OP_PLANS)
+
+    call.__name__ = call.__qualname__ = getattr(impl, "__name__", "launcher")
+    call.__doc__ = impl.__doc__
+    call.plans = plans
+    return call
+
+
+def _gemm_key(q, out_dtype, gelu, residual, gate, gate_rows) -> tuple:
+    """What a GEMM's launches depend on besides its tensors' own specs (see _replayed)."""
+    return (q.shape[0], out_dtype, gelu, residual is None, gate is None, gate_rows is None)
 
 
 def _replays(x: torch.Tensor) -> bool:
@@ -136,13 +183,13 @@ def _replays(x: torch.Tensor) -> bool:
 
 
 _RECORD_TRIES = 3  # the first call of a shape compiles (Triton's own path): not recordable
-_MAX_PLANS = 32  # (M, dtype) recordings kept per layer; a model runs a handful of shapes
+_MAX_OP_PLANS = 256  # recordings kept per replayed op (_replaying): all layers' call signatures
 
 
 class _TritonW8A8(Backend):
     devices = ("cpu", "cuda")
-    # Replay each layer's CUDA forward from a recording of it (see _replay_forward); False:
-    # every call goes through the ops and launchers (tests compare the two).
+    # Replay each layer's CUDA forward, and its GEMM on a quantized activation, from a recording
+    # (see _replayed); False: every call goes through the ops and launchers (tests compare the two).
     REPLAY = True
 
     def unavailable_reason(self, device):
@@ -150,11 +197,22 @@ class _TritonW8A8(Backend):
 
     def forward(self, layer, x):
         if self.REPLAY and _replays(x):
-            return _replay_forward(self._forward, layer, x)
+            return _replayed(layer, (x.shape[0], x.dtype), lambda: self._forward(layer, x), (x,))
         return self._forward(layer, x)
+
+    def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+        if self.REPLAY and _replays(q):
+            key = _gemm_key(q, out_dtype, gelu, residual, gate, gate_rows)
+            return _replayed(layer, key, lambda: self._gemm(layer, q, s, out_dtype, gelu, residual, gate, gate_rows),
+                             (q, s, residual, gate, gate_rows))
+        return self._gemm(layer, q, s, out_dtype, gelu, residual, gate, gate_rows)
 
     def _forward(self, layer, x):
         """The forward through the ops and launchers (each subclass's)."""
+        raise NotImplementedError
+
+    def _gemm(self, layer, q, s, out_dtype, gelu, residual, gate, gate_rows):
+        """The GEMM on a quantized activation (with its epilogue) through the ops (each subclass's)."""
         raise NotImplementedError
 
     def prepare(self, layer) -> None:
@@ -190,7 +248,7 @@ class Int8Triton(_TritonW8A8):
         q, s = k.quantize_per_token(x, layer.input_smooth, False)
         return k.int8_gemm(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
 
-    def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+    def _gemm(self, layer, q, s, out_dtype, gelu, residual, gate, gate_rows):
         return _kernels(q).int8_gemm_fused(q, s, layer.weight, layer.weight_scale, layer.bias, out_dtype, gelu,
                                            residual, gate, gate_rows)
 
@@ -224,7 +282,7 @@ class FP8Triton(_TritonW8A8):
             return k.fp8_gemm_tma(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return k.fp8_gemm(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
 
-    def gemm(self, layer, q, s, out_dtype, gelu=False, residual=None, gate=None, gate_rows=None):
+    def _gemm(self, layer, q, s, out_dtype, gelu, residual, gate, gate_rows):
         k = _kernels(q)
         op = (k.fp8_gemm_tma_fused if self.TMA_MIN_M is not None and q.shape[0] >= self.TMA_MIN_M
               and q.shape[1] % 16 == 0 else k.fp8_gemm_fused)

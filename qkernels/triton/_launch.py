@@ -156,11 +156,17 @@ class _FactoryOnly(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.other: list[str] = []
+        # what the call allocated, as weak references (a strong one here makes torch hand the
+        # caller a detached alias instead of the tensor itself)
+        self.created: list[weakref.ref] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if func not in self.ALLOWED:
             self.other.append(str(func))
-        return func(*args, **(kwargs or {}))
+        else:
+            self.created.append(weakref.ref(out))
+        return out
 
 
 @contextlib.contextmanager
@@ -181,26 +187,32 @@ class Replay:
 
     Built by :meth:`record` from one real call of ``fn(*args, *held)``. ``args`` are what changes
     per call (a layer's input), ``held`` what a caller passes again each call (the layer's own
-    tensors). A tensor argument of a launch that is one of them is read from each replay's; any
-    other tensor argument was allocated by the call. The call's result is allocated anew each
-    replay (never reused: a result may outlive the next call); its other allocations are
-    temporaries (the quantized activation and its scales: the call may not keep them) and, up to
-    :data:`SCRATCH_MAX_BYTES` in all, live in a scratch buffer kept per thread, device and stream:
-    work on one stream runs in order, so the next call's launches write it only after this call's
-    have read it. Under CUDA-graph capture they are allocated as the call allocated them (a graph
-    keeps the addresses it captured). Everything else (ints, floats, the grid, the compiled
-    kernel) is what the recorded call launched with, so a Replay is only valid for the inputs it
-    was recorded on: the same non-tensor arguments (the caller's key); per ``args`` tensor the
-    same None-ness, dtype, shape, strides and 16-byte alignment; per ``held`` tensor the same
-    tensor object at the same address (a replaced or re-pointed weight is a mismatch). Checked
-    each call: the launches were sized and specialized on them. Tensors reach the launches as
-    device addresses (Triton's launcher takes an int as a pointer and skips its per-tensor
-    ``data_ptr`` call and driver query). ``__call__`` returns None where it cannot replay
-    (another device, a launch hook such as a profiler registered, an input that differs): call
-    ``fn`` then.
+    tensors). A tensor argument of a launch is, each replay:
+
+    * one of ``args`` / ``held``: read from the replay's;
+    * allocated by the call and returned (a tensor, or a tuple of them): allocated anew (never
+      reused: a result may outlive the next call);
+    * allocated by the call and not returned: a temporary (the quantized activation and its
+      scales; the call may not keep them). Up to :data:`SCRATCH_MAX_BYTES` in all they live in a
+      scratch buffer kept per thread, device and stream: work on one stream runs in order, so the
+      next call's launches write it only after this call's have read it. Under CUDA-graph capture
+      they are allocated as the call allocated them (a graph keeps the addresses it captured);
+    * none of these (a launcher's cached constant, e.g. a vector of ones): the recorded tensor,
+      kept alive by the replay.
+
+    Everything else (ints, floats, the grid, the compiled kernel) is what the recorded call
+    launched with, so a Replay is only valid for the inputs it was recorded on: the same
+    non-tensor arguments (the caller's key); per ``args`` tensor the same None-ness, dtype, shape,
+    strides and 16-byte alignment; per ``held`` tensor the same tensor object at the same address
+    (a replaced or re-pointed weight is a mismatch). Checked each call: the launches were sized
+    and specialized on them. Tensors reach the launches as device addresses (Triton's launcher
+    takes an int as a pointer and skips its per-tensor ``data_ptr`` call and driver query).
+    ``__call__`` returns None where it cannot replay (another device, a launch hook such as a
+    profiler registered, an input that differs): call ``fn`` then.
     """
 
-    __slots__ = ("device", "specs", "held", "fresh", "scratch", "scratch_bytes", "launches", "result", "cuda")
+    __slots__ = ("device", "specs", "held", "fresh", "scratch", "scratch_bytes", "launches", "results", "single",
+                 "constants", "cuda")
 
     @classmethod
     def record(cls, fn, args: tuple, held: tuple = ()):
@@ -210,19 +222,23 @@ class Replay:
         mode = _FactoryOnly()
         with recording() as launches, mode:
             result = fn(*args, *held)
-        return result, cls._build(launches, args, held, result, mode.other)
+        return result, cls._build(launches, args, held, result, mode)
 
     @classmethod
-    def _build(cls, launches, args, held, result, other_ops):
-        if not launches or None in launches or other_ops or not isinstance(result, torch.Tensor):
+    def _build(cls, launches, args, held, result, mode):
+        single = isinstance(result, torch.Tensor)
+        results = (result,) if single else result
+        if not launches or None in launches or mode.other or not isinstance(results, tuple) or not results or \
+                not all(isinstance(r, torch.Tensor) for r in results):
             return None
         devices = {launch[4] for launch in launches}
         if len(devices) != 1:
             return None
         inputs = (*args, *held)
         ids = {id(t): i for i, t in enumerate(inputs) if t is not None}
+        created = {id(t) for t in (ref() for ref in mode.created) if t is not None}
         fresh: dict[int, int] = {}  # id -> index in the replay's value list
-        fresh_tensors = []
+        fresh_tensors, constants = [], []
         plan = []
         for kernel, grid, launch_args, tail, _ in launches:
             template, slots = list(launch_args), []
@@ -230,35 +246,41 @@ class Replay:
                 if isinstance(a, torch.Tensor):
                     if id(a) in ids:
                         slots.append((pos, ids[id(a)]))
+                    elif id(a) in created:
+                        if id(a) not in fresh:
+                            if a.storage_offset() != 0 or not a.is_contiguous() or a.data_ptr() & 15:
+                                return None  # a view: not something a replay can allocate
+                            fresh[id(a)] = len(inputs) + len(fresh_tensors)
+                            fresh_tensors.append(a)
+                        slots.append((pos, fresh[id(a)]))
+                    else:  # made before the call (a launcher's cache): a constant of the replay
+                        constants.append(a)
+                        template[pos] = a.data_ptr()
                         continue
-                    if id(a) not in fresh:
-                        if a.storage_offset() != 0 or not a.is_contiguous() or a.data_ptr() & 15:
-                            return None  # a view: not something a replay can allocate
-                        fresh[id(a)] = len(inputs) + len(fresh_tensors)
-                        fresh_tensors.append(a)
-                    slots.append((pos, fresh[id(a)]))
+                    template[pos] = None  # the replay fills it; hold no tensor of this call
                 elif not (a is None or type(a) in (int, float, bool)):
                     return None  # a host-side object built per call (a TMA descriptor)
-            for pos, _ in slots:
-                template[pos] = None  # the replay fills them; hold no tensor of this call
             plan.append((kernel.run, grid, kernel.function, kernel.packed_metadata, template, slots, tail))
-        if id(result) not in fresh:
-            return None
+        if any(id(r) not in fresh for r in results) or len({id(r) for r in results}) != len(results):
+            return None  # returns an input, a constant, a view, or one tensor twice
         self = cls.__new__(cls)
         self.device = devices.pop()
         self.specs = cls._specs(args)
         self.held = tuple(None if t is None else (weakref.ref(t), t.data_ptr()) for t in held)
         self.fresh = tuple((tuple(t.shape), t.dtype, t.device) for t in fresh_tensors)
-        self.result = fresh[id(result)]
+        self.results = tuple(fresh[id(r)] for r in results)
+        self.single = single
+        self.constants = tuple(constants)
         # the temporaries' places in one scratch buffer: (index in the value list, byte offset)
-        self.scratch, offset = [], 0
+        returned = {id(r) for r in results}
+        scratch, offset = [], 0
         for i, t in enumerate(fresh_tensors):
-            if t is not result:
-                self.scratch.append((len(inputs) + i, offset))
+            if id(t) not in returned:
+                scratch.append((len(inputs) + i, offset))
                 offset += -(-t.numel() * t.element_size() // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
-        self.scratch = tuple(self.scratch)
+        self.scratch = tuple(scratch)
         self.scratch_bytes = offset if 0 < offset <= SCRATCH_MAX_BYTES else 0
-        self.cuda = result.device.type == "cuda"
+        self.cuda = results[0].device.type == "cuda"
         self.launches = tuple(plan)
         return self
 
@@ -289,22 +311,26 @@ class Replay:
         # the value list: args, held, then the call's allocations in the order it made them
         values = [None if t is None else t.data_ptr() for t in args]
         values += [None if h is None else h[1] for h in self.held]
+        n = len(values)
         if self.scratch_bytes and not (self.cuda and torch.cuda.is_current_stream_capturing()):
-            shape, dtype, device = self.fresh[self.result - len(values)]
-            base = _scratch(device, stream, self.scratch_bytes)
             values += [0] * len(self.fresh)
+            base = _scratch(self.fresh[0][2], stream, self.scratch_bytes)
             for i, offset in self.scratch:
                 values[i] = base + offset
-            result = values[self.result] = torch.empty(shape, dtype=dtype, device=device)
+            out = []
+            for i in self.results:
+                shape, dtype, device = self.fresh[i - n]
+                t = values[i] = torch.empty(shape, dtype=dtype, device=device)
+                out.append(t)
         else:
             values += [torch.empty(s, dtype=d, device=dev) for s, d, dev in self.fresh]
-            result = values[self.result]
+            out = [values[i] for i in self.results]
         for run, grid, function, packed, template, slots, tail in self.launches:
             launch_args = template.copy()
             for pos, i in slots:
                 launch_args[pos] = values[i]
             run(*grid, stream, function, packed, None, None, None, *launch_args, *tail)
-        return result
+        return out[0] if self.single else tuple(out)
 
 
 # A replay's temporaries (see Replay) up to this many bytes go in the scratch buffer: at the

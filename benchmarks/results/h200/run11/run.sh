@@ -16,7 +16,7 @@ trap finish EXIT
 log start
 timeout -s INT 100 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k "replay" \
   > "$OUT/gpu_tests_replay.log" 2>&1; log "replay tests rc=$?"
-timeout -s INT 80 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fused.py -k "epilogue" \
+timeout -s INT 80 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fused.py -k "epilogue or replayed" \
   > "$OUT/gpu_tests.log" 2>&1; log "tests rc=$?"
 timeout -s INT 400 python3 -m benchmarks.stream --sizes 256,384 --seconds 6 --quality-frames 8 \
   --out "$OUT/stream" > "$OUT/stream.log" 2>&1; log "stream rc=$?"

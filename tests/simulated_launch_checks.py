@@ -115,22 +115,25 @@ def layer_checks(sim) -> None:
             check(f"{backend} forward: {names} after warm-up", names == kernels)
 
 
+def _launched(sim, fn, replay: bool):
+    """``(fn(), the launches it made)`` with the Triton backends' replay on or off."""
+    from qkernels.backends import triton_backends as tb
+
+    tb._TritonW8A8.REPLAY = replay
+    try:
+        before = len(sim.launches)
+        out = fn()
+        return out, sim.launches[before:]
+    finally:
+        tb._TritonW8A8.REPLAY = True
+
+
 def replay_checks(sim) -> None:
     """A layer's replayed forward (``Replay``, the Triton backends' default on CUDA) launches the
     same compiled kernels, grids and arguments as its forward through the ops and launchers, with
     the layer's tensors and the input in the same places and new outputs of the same dtype and
     shape; an input it was not recorded for (misaligned) goes through the launchers instead."""
     from qkernels import QuantLinear
-    from qkernels.backends import triton_backends as tb
-
-    def launches(layer, x, replay: bool):
-        tb._TritonW8A8.REPLAY = replay
-        try:
-            before = len(sim.launches)
-            y = layer(x)
-            return y, sim.launches[before:]
-        finally:
-            tb._TritonW8A8.REPLAY = True
 
     def same(replayed, direct, known, new) -> bool:
         """One replayed launch against the direct one: same kernel, grid and non-tensor arguments;
@@ -173,8 +176,8 @@ def replay_checks(sim) -> None:
                 for m, make in ((16, aligned), (1, aligned), (17, aligned), (16, misaligned)):
                     x = make((m, 96), torch.bfloat16)
                     for _ in range(3):  # compile, record, replay
-                        y, replayed = launches(layer, x, True)
-                    y_ref, direct = launches(layer, x, False)
+                        y, replayed = _launched(sim, lambda: layer(x), True)
+                    y_ref, direct = _launched(sim, lambda: layer(x), False)
                     known = {t.data_ptr() for t in (x, *layer._buffers.values()) if t is not None}
                     name = f"replay {backend} {what} m={m}{' misaligned x' if make is misaligned else ''}"
                     new = {}
@@ -206,17 +209,12 @@ def replay_checks(sim) -> None:
                 rows = torch.zeros(m, dtype=torch.int32)
                 for what, kw in (("plain", {}), ("gelu", dict(gelu=True)),
                                  ("gated residual", dict(residual=residual, gate=gate, gate_rows=rows))):
-                    def run(replay):
-                        tb._TritonW8A8.REPLAY = replay
-                        try:
-                            before = len(sim.launches)
-                            return layer.forward_quantized(act, **kw), sim.launches[before:]
-                        finally:
-                            tb._TritonW8A8.REPLAY = True
+                    def fn():
+                        return layer.forward_quantized(act, **kw)
 
                     for _ in range(3):  # compile, record, replay
-                        y, replayed = run(True)
-                    y_ref, direct = run(False)
+                        y, replayed = _launched(sim, fn, True)
+                    y_ref, direct = _launched(sim, fn, False)
                     known = {t.data_ptr() for t in (q, s, residual, gate, rows, *layer._buffers.values())
                              if t is not None}
                     new = {}
@@ -237,15 +235,6 @@ def op_replay_checks(sim) -> None:
     from qkernels import ops
     from qkernels.backends import triton_backends as tb
 
-    def run(fn, replay):
-        tb._TritonW8A8.REPLAY = replay
-        try:
-            before = len(sim.launches)
-            out = fn()
-            return out, sim.launches[before:]
-        finally:
-            tb._TritonW8A8.REPLAY = True
-
     def scalars(launch):
         return launch.kernel_hash, launch.grid, tuple(a if not isinstance(a, (torch.Tensor, int)) or type(a) is bool
                                                       else "ptr" if isinstance(a, torch.Tensor) or a > 1 << 32 else a
@@ -256,8 +245,8 @@ def op_replay_checks(sim) -> None:
         for fp8 in (False, True, False, True):
             fn = lambda: ops.quantize_per_token(x, None, fp8)  # noqa: E731
             for _ in range(3):
-                (q, s), replayed = run(fn, True)
-            _, direct = run(fn, False)
+                (q, s), replayed = _launched(sim, fn, True)
+            _, direct = _launched(sim, fn, False)
             check(f"op replay quantize_per_token fp8={fp8}: {[l.kernel for l in replayed]} as launched directly",
                   len(replayed) == len(direct) == 1 and replayed[0].kernel_hash == direct[0].kernel_hash
                   and replayed[0].args[0] == x.data_ptr() and q.dtype == (torch.float8_e4m3fn if fp8 else torch.int8))
@@ -271,8 +260,8 @@ def op_replay_checks(sim) -> None:
         quantize_model(model, "fp8-triton", fuse=True)
         inputs = demo_inputs(model, image_hw=(4, 4), reference_hw=(4, 4), text_tokens=8)
         for _ in range(3):
-            _, replayed = run(lambda: model(**inputs), True)
-        _, direct = run(lambda: model(**inputs), False)
+            _, replayed = _launched(sim, lambda: model(**inputs), True)
+        _, direct = _launched(sim, lambda: model(**inputs), False)
         check(f"op replay: a fused forward, replayed, launches what it launches directly ({len(direct)} launches)",
               len(replayed) == len(direct) > 0 and all(scalars(a) == scalars(b) for a, b in zip(replayed, direct)))
 

@@ -3,7 +3,7 @@
     python -m benchmarks.make_readme_table benchmarks/results/cpu > results.md
     python -m benchmarks.make_readme_table OUT --out summary.md --csv all_rows.csv
 
-Reads every gemm.csv, accuracy.csv, e2e.csv, host.csv and kernels.csv under the folder (any depth) and prints, per
+Reads every gemm.csv, accuracy.csv, e2e.csv, host.csv, kernels.csv and stream.csv under the folder (any depth) and prints, per
 file, the environment it was measured in and its tables. Every number comes from those rows;
 nothing is typed in by hand. ``--csv`` also writes all rows of all files as one long CSV.
 """
@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-KINDS = ("gemm", "accuracy", "e2e", "host", "kernels")
+KINDS = ("gemm", "accuracy", "e2e", "host", "kernels", "stream")
 
 
 def _read(path: Path) -> list[dict]:
@@ -141,7 +141,8 @@ def e2e_section(rows: list[dict], source: str) -> str:
 
 
 def host_section(rows: list[dict], source: str) -> str:
-    ok = [r for r in rows if r.get("status") == "ok"]
+    blocks = [r for r in rows if r.get("status") == "ok" and r.get("activation") == "block"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("activation") != "block"]
     ms = sorted({int(r["M"]) for r in ok if r["variant"] != "torch-op"})
     keys = list(dict.fromkeys((r["variant"], r["activation"]) for r in ok if r["variant"] != "torch-op"))
     simulated = any(r.get("mode") == "simulated-driver" for r in ok)
@@ -170,7 +171,47 @@ def host_section(rows: list[dict], source: str) -> str:
     ref = next((r for r in ok if r["variant"] == "torch-op"), None)
     if ref is not None:
         parts.append(f"\nOne `F.linear` at 1x64x64 on the same CPU: {_num(ref['host_us']):.1f} us.")
+    if blocks:
+        wall = any(_num(r.get("wall_us")) is not None for r in blocks)
+        parts += ["", f"Per Qwen-Image block, {blocks[0]['M']} tokens ({blocks[0].get('note') or ''}):", "",
+                  _table(["variant", "host us" + (" / wall us" if wall else "")],
+                         [[f"`{r['variant']}`", f"{_num(r['host_us']):.1f}" +
+                           (f" / {_num(r['wall_us']):.1f}" if _num(r.get("wall_us")) is not None else "")]
+                          for r in blocks])]
     parts.append(_not_run(rows))
+    return "\n".join(parts)
+
+
+def stream_section(rows: list[dict], source: str) -> str:
+    """One line per (variant, quantized backend, size, VLM refresh): the moving scene's steady
+    frames/s (and against the plain bf16 loop), its latency, the still scene's frames/s and skip
+    rate, the peak memory."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    keys = list(dict.fromkeys((r["variant"], r.get("quant_backend") or "", r["size"], r.get("vlm_every") or "",
+                               r.get("vlm_threshold") or "") for r in ok))
+    body = []
+    for key in keys:
+        scenes = {r["scene"]: r for r in ok if (r["variant"], r.get("quant_backend") or "", r["size"],
+                                                r.get("vlm_every") or "", r.get("vlm_threshold") or "") == key}
+        mv, st = scenes.get("moving"), scenes.get("still")
+        vs = _num(mv.get("fps_vs_plain_bf16")) if mv else None
+        vlm = f"every {key[3] or '-'}" + (f", < {key[4]}" if _num(key[4]) else "")  # 0: no similarity test
+        body.append([
+            f"`{key[0]}`", key[1] or "-", f"{key[2]}^2", vlm,
+            f"{_num(mv['fps']):.2f}" + (f" ({vs:.2f}x)" if vs is not None else "") if mv else "",
+            f"{_num(mv['latency_p50_ms']):.0f} / {_num(mv['latency_p95_ms']):.0f}" if mv else "",
+            f"{_num(st['fps']):.2f}, {_num(st['skip_rate']):.0%}" if st else "",
+            f"{max(_num(r['peak_gb']) or 0 for r in scenes.values()):.1f}",
+        ])
+    head = ok[0] if ok else (rows[0] if rows else {})
+    what = (f"Stream mode, {head.get('steps')} steps, a {head.get('camera_fps')} fps synthetic camera; frames/s is "
+            "the steady rate a viewer sees, latency from frame in to result out.\n")
+    parts = [_env_line(rows, source), "", what,
+             _table(["variant", "quantized backend", "size", "VLM embedding", "moving: frames/s (x plain bf16)",
+                     "p50 / p95 ms", "still: frames/s, skipped", "peak GB"], body)]
+    bad = sorted({(r["variant"], r["status"]) for r in rows if r.get("status") not in ("ok", "")})
+    if bad:
+        parts.append("\nNot measured here: " + "; ".join(f"`{v}` ({s})" for v, s in bad) + ".")
     return "\n".join(parts)
 
 
@@ -194,7 +235,7 @@ def kernels_section(rows: list[dict], source: str) -> str:
 
 SECTIONS = {"gemm": ("GEMM", gemm_section), "accuracy": ("Accuracy", accuracy_section),
             "e2e": ("End to end", e2e_section), "host": ("Host overhead", host_section),
-            "kernels": ("Compiled kernels", kernels_section)}
+            "kernels": ("Compiled kernels", kernels_section), "stream": ("Stream", stream_section)}
 
 
 def find(folder: Path) -> list[tuple[str, Path]]:
@@ -215,7 +256,7 @@ def render(folder: Path) -> str:
         rel = path.relative_to(folder)
         out += [f"### {title} ({rel.parent if str(rel.parent) != '.' else kind})", "", fn(rows, str(rel)), ""]
     if len(out) == 2:
-        out.append(f"(no gemm.csv, accuracy.csv, e2e.csv, host.csv or kernels.csv under {folder})")
+        out.append(f"(no gemm.csv, accuracy.csv, e2e.csv, host.csv, kernels.csv or stream.csv under {folder})")
     return "\n".join(out).rstrip() + "\n"
 
 

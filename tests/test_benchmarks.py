@@ -125,6 +125,39 @@ def test_readme_table_from_results(gemm_out, accuracy_out, tmp_path):
     assert len(all_rows) == len(_read_csv(gemm_out / "gemm.csv")[1]) + len(_read_csv(accuracy_out / "accuracy.csv")[1])
 
 
+def test_readme_table_stream_and_block_rows(tmp_path):
+    """The stream section puts a variant's moving and still scenes on one line (frames/s against
+    the plain bf16 loop, latency, skip rate, the larger peak), one line per size and VLM setting;
+    the host section's per-block rows get a table of their own (not a column of the M table)."""
+    env = dict(device="cuda", device_name="GPU", torch="2", triton="3", cuda="13", git_commit="abc",
+               timestamp="t", load_avg="0.1")
+    stream = [dict(env, bench="stream", variant=v, status="ok", quant_backend=b, scene=scene, size=size, steps=2,
+                   camera_fps=30.0, fps=fps, fps_vs_plain_bf16=vs, latency_p50_ms=p50, latency_p95_ms=p95,
+                   skip_rate=skip, peak_gb=peak, vlm_every=every, vlm_threshold=thr)
+              for v, b, size, every, thr, scene, fps, vs, p50, p95, skip, peak in (
+                  ("plain-bf16", "bf16", 256, 1, "", "moving", 4.0, 1.0, 200, 300, 0.0, 59.0),
+                  ("plain-bf16", "bf16", 256, 1, "", "still", 4.1, "", 190, 290, 0.0, 59.5),
+                  ("fused", "fp8-triton", 256, 8, 0.0, "moving", 12.5, 3.125, 150, 180, 0.0, 38.0),
+                  ("fused", "fp8-triton", 256, 8, 0.0, "still", 30.0, "", 10, 100, 0.9, 38.2),
+                  ("fused", "fp8-triton", 512, 8, 0.95, "moving", 7.9, 3.3, 379, 454, 0.0, 38.8))]
+    host = [dict(env, bench="host", variant="fp8-triton", activation="dynamic", status="ok", M=16, K=3072, N=3072,
+                 host_us=24.0, wall_us=25.0, launches=2),
+            dict(env, bench="host", variant="fp8-triton+fused", activation="block", status="ok", M=144, K="", N="",
+                 host_us=900.0, wall_us=950.0, note="per block")]
+    for name, rows in (("stream", stream), ("host", host)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / f"{name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            w.writeheader()
+            w.writerows(rows)
+    text = make_readme_table.render(tmp_path)
+    assert "| `plain-bf16` | bf16 | 256^2 | every 1 | 4.00 (1.00x) | 200 / 300 | 4.10, 0% | 59.5 |" in text
+    assert "| `fused` | fp8-triton | 256^2 | every 8 | 12.50 (3.12x) | 150 / 180 | 30.00, 90% | 38.2 |" in text
+    assert "| `fused` | fp8-triton | 512^2 | every 8, < 0.95 | 7.90 (3.30x) | 379 / 454 |  | 38.8 |" in text
+    assert "| `fp8-triton+fused` | 900.0 / 950.0 |" in text
+    assert "M=144" not in text and "M=16" in text
+
+
 @pytest.mark.slow
 def test_e2e_quick_one_block(tmp_path):
     assert e2e.main(["--quick", "--reference", "--device", "cpu", "--blocks", "1", "--reps", "1", "--no-peers",

@@ -252,6 +252,12 @@ def op_replay_checks(sim) -> None:
                   and replayed[0].args[0] == x.data_ptr() and q.dtype == (torch.float8_e4m3fn if fp8 else torch.int8))
         plans = tb.cuda_impl(ops.quantize_per_token)  # a new wrapper: its own (empty) recordings
         check("op replay: each wrapper keeps its own recordings", plans.plans == {})
+        wrapper = ops.quantize_per_token.impl_for("cpu")  # what "CUDA" (here: these CPU tensors) runs
+        y = aligned((24, 96), torch.bfloat16)  # a signature not seen before
+        for _ in range(4):
+            ops.quantize_per_token.torch_op(y, None, True)  # the custom op: what compiled code calls
+        check("op replay: the custom op (compiled code) runs the plain launcher, never a replay",
+              all(k[0] != (y.dtype, y.shape) for k in wrapper.plans))
 
         from qpipeline.demo import build_demo_transformer, demo_inputs
         from qpipeline.quantize import quantize_model

@@ -151,9 +151,10 @@ def _op_key(args: tuple) -> tuple:
 def _replaying(impl):
     """``impl`` (a launcher), replayed per call signature: every non-tensor argument and each
     tensor's dtype and shape (two models of different widths, or the text and image streams, get
-    recordings of their own). Only where a layer's replay is on (``_TritonW8A8.REPLAY``), not
-    under torch.compile, and not while a layer's call is being recorded (its launches belong to
-    that recording)."""
+    recordings of their own). Only in eager calls where a layer's replay is on
+    (``_TritonW8A8.REPLAY``) and no layer's call is being recorded (its launches belong to that
+    recording); torch.compile'd code calls the op's custom op, which runs ``impl`` itself
+    (``compiled_impl``)."""
     from ..triton import _launch
 
     plans: dict = {}
@@ -168,6 +169,7 @@ def _replaying(impl):
     call.__name__ = call.__qualname__ = getattr(impl, "__name__", "launcher")
     call.__doc__ = impl.__doc__
     call.plans = plans
+    call.compiled_impl = impl  # what torch.compile'd code runs (KernelOp's custom op): no replay
     return call
 
 

@@ -17,6 +17,12 @@ is handed to a recording stub instead of the driver. ``host_us`` is then everyth
 on the host except the driver's own ``cuLaunchKernel`` (a few microseconds a launch), on this
 machine's CPU; ``launches`` counts kernel launches per forward. A ``torch-op`` row times one
 tiny ``F.linear`` on the same CPU, to put the numbers in units of "one PyTorch op here".
+
+``--blocks N`` (default 4; 0 skips it) adds rows per Qwen-Image block (``activation`` "block"):
+a demo transformer with 1 and with 1 + N blocks (full widths on CUDA, tiny in simulation), at
+144 tokens, (T(1 + N) - T(1)) / N: diffusers' bf16 block, and ours quantized and fused with and
+without the replay. In simulation the bf16 block runs its aten ops on the CPU for real (tiny
+widths: their host cost, mostly), so compare it with care.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def run(args, rows: list[dict]) -> list[dict]:
                     quant.TUNING.update(quant_rows=n_rows, quant_warps=warps)
                     us = timed(lambda: quant.quantize_per_token(xk, None, True))
                     quant.TUNING.update(quant_default)
-                    r, _, w = quant._launch_shape(m, k, quant._SINGLE_PASS_MAX_K)
+                    r, _, w = quant._launch_shape(m, k, quant._SINGLE_PASS_MAX_K, quant.TUNING)
                     add("quantize_per_token", f"rows={n_rows} warps={warps}", k, us, m * k * 3 + m * 4,
                         (r, w) == (n_rows, warps))
 

@@ -183,7 +183,9 @@ def _block_rows(args, rows: list[dict], device: torch.device, size: str) -> None
             row["status"] = harness.fmt_status(exc)
             _progress(row)
         rows.append(row)
-    _time_cases(cases, max(1, args.reps // 10), device, args.rounds, quiet=True)
+    # a forward is ~100 layer calls: a tenth of the layer rows' reps, at least 5 (each block row is
+    # a difference of two timings, so it needs them steadier than one forward)
+    _time_cases(cases, max(5, args.reps // 10), device, args.rounds, quiet=True)
     for row, (one, more) in pending:
         row["host_us"] = (more["host_us"] - one["host_us"]) / n
         if device.type == "cuda":

@@ -187,12 +187,14 @@ def stream_section(rows: list[dict], source: str) -> str:
     frames/s (and against the plain bf16 loop), its latency, the still scene's frames/s and skip
     rate, the peak memory."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    keys = list(dict.fromkeys((r["variant"], r.get("quant_backend") or "", r["size"], r.get("vlm_every") or "",
-                               r.get("vlm_threshold") or "") for r in ok))
+
+    def line(r):
+        return (r["variant"], r.get("quant_backend") or "", r["size"], r.get("vlm_every") or "",
+                r.get("vlm_threshold") or "")
+
     body = []
-    for key in keys:
-        scenes = {r["scene"]: r for r in ok if (r["variant"], r.get("quant_backend") or "", r["size"],
-                                                r.get("vlm_every") or "", r.get("vlm_threshold") or "") == key}
+    for key in dict.fromkeys(map(line, ok)):
+        scenes = {r["scene"]: r for r in ok if line(r) == key}
         mv, st = scenes.get("moving"), scenes.get("still")
         vs = _num(mv.get("fps_vs_plain_bf16")) if mv else None
         vlm = f"every {key[3] or '-'}" + (f", < {key[4]}" if _num(key[4]) else "")  # 0: no similarity test

@@ -310,13 +310,12 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (0 if q else args.steps + 1)
     if q and args.device is None:
         args.device = "cpu"
-    # bf16 on the GPU; float32 on the CPU, where bf16 conv3d (the VAE) is ~4x slower
-    args.dtype = torch.float32 if torch.device(args.device or harness.default_device()).type == "cpu" \
-        else torch.bfloat16
-    if args.quant_backend is None:  # the CPU has int8 GEMMs; fp8 only on sm89+
-        cpu = torch.device(args.device or harness.default_device()).type == "cpu"
-        args.quant_backend = "int8-torch" if cpu else "fp8-triton"
     device = torch.device(args.device or harness.default_device())
+    cpu = device.type == "cpu"
+    # bf16 on the GPU; float32 on the CPU, where bf16 conv3d (the VAE) is ~4x slower
+    args.dtype = torch.float32 if cpu else torch.bfloat16
+    if args.quant_backend is None:  # the CPU has int8 GEMMs; fp8 only on sm89+
+        args.quant_backend = "int8-torch" if cpu else "fp8-triton"
     args.device = str(device)
     state = {}
 

@@ -14,6 +14,7 @@ import torch
 
 from .capabilities import as_device, device_reason
 from .errors import BackendUnavailableError, InputError, UnsupportedShapeError
+from .ops.fused import gemm_epilogue
 
 __all__ = [
     "Backend",
@@ -80,8 +81,6 @@ def apply_epilogue(y, out_dtype, gelu, residual, gate, gate_rows):
     """``qkernels.ops.fused.gemm_epilogue`` on a GEMM output; none asked: only the rounding."""
     if not gelu and residual is None and gate is None and gate_rows is None:
         return y.to(out_dtype)
-    from .ops.fused import gemm_epilogue
-
     return gemm_epilogue(y, out_dtype, gelu, residual, gate, gate_rows)
 
 

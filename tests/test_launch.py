@@ -69,7 +69,7 @@ def test_op_replay_checks_catch_a_key_without_the_scalar_arguments():
     assert "FAIL op replay quantize_per_token fp8=True" in out.stdout, out.stdout + out.stderr
 
 
-def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped():
+def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped(monkeypatch):
     """The replay's scratch buffer (qkernels.triton._launch._scratch): one per (device, stream)
     and per thread (two threads issuing on one stream must not share temporaries), grown to
     the largest request and never past SCRATCH_MAX_BYTES."""
@@ -78,6 +78,7 @@ def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped():
     pytest.importorskip("triton")
     from qkernels.triton import _launch
 
+    monkeypatch.setattr(_launch._scratch_buffers, "buffers", None)  # this test's own, handed back after
     cpu = torch.device("cpu")
     a = _launch._scratch(cpu, 1, 1000)
     assert _launch._scratch(cpu, 1, 1000) == a  # kept
@@ -93,4 +94,3 @@ def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped():
     t.start()
     t.join()
     assert other and other[0] != grown
-    _launch._scratch_buffers.buffers = None  # hand the test's buffers back

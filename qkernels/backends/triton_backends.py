@@ -119,7 +119,9 @@ def _replayed(layer, key, call, args: tuple):
     (``qkernels.triton._launch.Replay``), per layer and key, with ``args`` as the varying tensors
     and the layer's own as held ones, and the quantized activation of a forward in the replay's
     per-stream scratch. The recordings are dropped whenever the layer resolves its backend again
-    (a move, a load, set_backend)."""
+    (a move, a load, set_backend). A launch choice read while recording (the kernels' ``TUNING``,
+    ``FP8Triton.TMA_MIN_M``) is fixed in the recording: change one before a layer's first calls,
+    or with ``REPLAY = False``."""
     b = layer._buffers
     held = (b["weight"], b["weight_scale"], b["bias"], b["input_scale"], b["input_smooth"])
     return _replay_call(layer._plans, key, call, args, held)

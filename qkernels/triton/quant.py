@@ -150,11 +150,11 @@ def _prev_power_of_2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _launch_shape(m: int, k: int, max_block_k: int, tuning: dict | None = TUNING,
+def _launch_shape(m: int, k: int, max_block_k: int, tuning: dict | None = None,
                   elements_per_warp: int = 2048) -> tuple[int, int, int]:
     """(ROWS, BLOCK_K, num_warps): ~4096 elements a program and a warp per ``elements_per_warp``
-    of them (4..16) on CUDA (``tuning`` overrides the rows and warps); under the interpreter many
-    rows per program, since each program costs Python overhead, not registers."""
+    of them (4..16) on CUDA (``tuning``, e.g. ``TUNING``, overrides the rows and warps); under the
+    interpreter many rows per program, since each program costs Python overhead, not registers."""
     block_k = min(next_power_of_2(k), max_block_k)
     if INTERPRET:
         return min(next_power_of_2(m), 32), block_k, 4
@@ -192,7 +192,7 @@ def quantize_per_token(
     if m == 0:
         return q, scale
     single = next_power_of_2(k) <= _SINGLE_PASS_MAX_K
-    rows, block_k, warps = _launch_shape(m, k, _SINGLE_PASS_MAX_K if single else _BLOCK_K)
+    rows, block_k, warps = _launch_shape(m, k, _SINGLE_PASS_MAX_K if single else _BLOCK_K, TUNING)
     _launch_per_token(
         (cdiv(m, rows),), (),
         (x, smooth if smooth is not None else scale, q_arg, scale, m, k, x.stride(0), q.stride(0)),
@@ -218,7 +218,7 @@ def quantize_per_tensor(
         return q, row_scale
     # not measured on a GPU since the per-token kernel's warps were: the rule before that, a warp
     # per 512 elements, and not the per-token TUNING
-    rows, block_k, warps = _launch_shape(m, k, _BLOCK_K, tuning=None, elements_per_warp=512)
+    rows, block_k, warps = _launch_shape(m, k, _BLOCK_K, elements_per_warp=512)
     _launch_per_tensor(
         (cdiv(m, rows),), (),
         (x, scale, smooth if smooth is not None else row_scale, q_arg, row_scale, m, k, x.stride(0), q.stride(0)),

@@ -37,7 +37,7 @@ setup(
     # skeletons on the meta device (init_empty_weights)
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "huggingface_hub>=0.25", "accelerate>=1.0"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.4"],
         # CuPy's build must match the driver's CUDA major version: cupy-cuda12x or cupy-cuda13x.
         "cublaslt": ["cupy-cuda12x"],
         "cublaslt-cu13": ["cupy-cuda13x"],
@@ -54,7 +54,7 @@ setup(
         "ray": ["ray[serve]>=2.60", *_SERVER],
         # httpx: the server tests' client; websockets: the stream tests' client (and the server's);
         # selenium: the page's test (drives Debian's chromium-driver)
-        "dev": ["pytest", "triton>=3.0", "matplotlib", *_SERVER, "httpx", "selenium>=4.10", "ray[serve]>=2.60"],
+        "dev": ["pytest", "triton>=3.4", "matplotlib", *_SERVER, "httpx", "selenium>=4.10", "ray[serve]>=2.60"],
     },
     package_data={"qpipeline": ["static/*.html"]},
     entry_points={"console_scripts": ["qkernels-quantize=qpipeline.quantize:main",

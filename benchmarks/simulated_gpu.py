@@ -130,14 +130,16 @@ def simulated_driver(arch: int = 90, record_args: bool = True):
         return False
 
     sim = SimulatedDriver(arch=arch, record_args=record_args)
-    previous = triton_driver._active
+    # Triton 3.5+ keeps the driver in ``_active`` (``active`` a property over it); 3.4 in ``active``
+    attr = "_active" if hasattr(triton_driver, "_active") else "active"
+    previous = getattr(triton_driver, attr)
     previous_check = autotuner.Autotuner.check_disk_cache
     triton_driver.set_active(sim)
     autotuner.Autotuner.check_disk_cache = no_disk_cache
     try:
         yield sim
     finally:
-        triton_driver._active = previous
+        setattr(triton_driver, attr, previous)
         autotuner.Autotuner.check_disk_cache = previous_check
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -19,6 +20,8 @@ __all__ = [
     "cuda_capability",
     "fp8_gemm_reason",
     "triton_reason",
+    "triton_import_reason",
+    "triton_version_reason",
     "cupy_reason",
     "cublaslt_reason",
 ]
@@ -102,19 +105,41 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The oldest Triton the kernels and their launcher run with: 3.4 (torch 2.8) brought
+# ``triton.knobs`` and host-side TMA descriptors (``triton.tools.tensor_descriptor``), which
+# ``qkernels.triton`` imports. The launcher's fast path (``qkernels.triton._launch``) reads
+# Triton's compiled-kernel internals; ``tests/simulated_launch_checks.py`` passes on 3.4 to 3.9.
+TRITON_MIN_VERSION = (3, 4)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 @functools.lru_cache(maxsize=None)
-def _triton_import_reason() -> str | None:
+def triton_import_reason() -> str | None:
+    """Why ``qkernels.triton`` cannot be used on any device: Triton missing, broken or too old."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'qkernels[triton]')"
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # a broken install must not break `import qkernels`
         return f"triton failed to import: {exc}"
+    return triton_version_reason(getattr(triton, "__version__", "0"))
+
+
+def triton_version_reason(version: str) -> str | None:
+    """Why Triton ``version`` cannot run these kernels (None: it can)."""
+    if _major_minor(version) < TRITON_MIN_VERSION:
+        need = ".".join(map(str, TRITON_MIN_VERSION))
+        return (f"triton {version} is older than {need}, the oldest these kernels run with (torch >= 2.8 "
+                f"ships triton >= {need}: upgrade torch, which brings the triton it was built with)")
     return None
 
 
 def triton_reason(device: torch.device) -> str | None:
-    reason = _triton_import_reason()
+    reason = triton_import_reason()
     if reason:
         return reason
     if device.type == "cpu":

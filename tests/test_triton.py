@@ -360,6 +360,47 @@ def test_backends_listed_with_reasons(monkeypatch):
     assert "TRITON_INTERPRET" in triton_reason(torch.device("cpu"))
 
 
+def test_a_triton_older_than_the_kernels_need_is_a_reason_not_a_crash(monkeypatch, caplog):
+    """Triton 3.3 (torch 2.7) has no triton.knobs and no host TMA descriptors, so qkernels.triton
+    cannot import there; 3.4 (binder the 4th of 4 device-cache entries) to 3.9 pass the
+    launcher's simulated checks. An older one makes the Triton backends unavailable with the
+    reason (`auto` then picks a torch-native backend), the shared ops keep their PyTorch
+    references with that reason logged, and the int8-fp8 attention refuses with it."""
+    from qkernels import capabilities
+    from qkernels.attention import ops as attention_ops
+    from qkernels.backends import triton_backends as tb
+    from qkernels.errors import BackendUnavailableError
+
+    for version in ("3.3.1", "3.2.0", "2.3.1"):
+        reason = capabilities.triton_version_reason(version)
+        assert reason is not None and version in reason and "3.4" in reason
+    for version in ("3.4.0", "3.4.0rc1", "3.9.0", "3.10.0+git1234abcd"):
+        assert capabilities.triton_version_reason(version) is None, version
+
+    old = capabilities.triton_version_reason("3.3.1")
+    monkeypatch.setattr(capabilities, "triton_import_reason", lambda: old)
+    monkeypatch.setattr(tb, "triton_import_reason", lambda: old)
+    monkeypatch.setattr(attention_ops, "triton_import_reason", lambda: old)
+    assert triton_reason(DEV) == old
+    rows = {r.name: r for r in list_backends(DEV)}
+    assert not rows["fp8-triton"].available and old in rows["fp8-triton"].reason
+
+    op = ops.quantize_per_token
+    saved = op._impls.get("cuda")
+    try:
+        x = torch.randn(3, 32)
+        with caplog.at_level("WARNING", logger="qkernels"):
+            q, s = tb._lazy_cuda_impl(op)(x, None, False)
+        assert op._impls["cuda"] is op.reference and old in caplog.text
+        ref_q, ref_s = formats.quantize_per_token(x, "w8a8-int8")
+        assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    finally:
+        if saved is not None:
+            op.register("cuda", saved)
+    with pytest.raises(BackendUnavailableError, match="3.4"):
+        attention_ops._lazy_triton()
+
+
 def test_import_qkernels_does_not_import_triton():
     code = ("import sys, qkernels, qkernels.backends, qkernels.ops.gemms; "
             "assert 'triton' not in sys.modules, 'triton imported'")

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ..capabilities import triton_import_reason
+from ..errors import BackendUnavailableError
 from ..ops import KernelOp
 from .reference import quantized_attention
 
@@ -34,6 +36,9 @@ int8_fp8_attention = KernelOp("int8_fp8_attention", _reference, _fake)
 
 
 def _lazy_triton(*args):
+    reason = triton_import_reason()
+    if reason is not None:  # not the reference: it emulates the kernel's rounding at many times its cost
+        raise BackendUnavailableError(f"the int8-fp8 attention kernel cannot run: {reason}")
     from .int8_fp8_attention import attention_8bit
 
     for device_type in _DEVICES:

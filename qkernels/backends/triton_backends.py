@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import ops
-from ..capabilities import fp8_gemm_reason, triton_reason
+from ..capabilities import fp8_gemm_reason, triton_import_reason, triton_reason
 from ..ops import fused, gemms
 from ..registry import Backend, register_backend
 
@@ -59,7 +59,10 @@ def cuda_impl(op):
 
 def _lazy_cuda_impl(op):
     def first_call(*args):
+        reason = triton_import_reason()  # e.g. a Triton older than the kernels need
         try:
+            if reason is not None:
+                raise ImportError(reason)
             impl = cuda_impl(op)
         except Exception as exc:  # a broken triton install must not break CUDA inference
             log.warning("Triton kernels unavailable (%s): %s runs its PyTorch reference on CUDA", exc, op.name)

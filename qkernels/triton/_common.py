@@ -22,7 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _fix_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a runtime int into a 1-element array and indexes with
+    """Triton 3.4-3.6's interpreter turns a runtime int into a 1-element array and indexes with
     ``int(array)``, which numpy >= 2.4 refuses, so ``range(0, K, BLOCK_K)`` fails under
     TRITON_INTERPRET (triton-lang/triton#9171, fixed upstream by #9172). Apply the same one-line
     fix, only under the interpreter and only where the failure is present."""
@@ -38,9 +38,15 @@ def _fix_interpreter_index() -> None:
     if getattr(original, "_qkernels_index_fix", False):
         return
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    def patched(tensor, *scope):  # (tensor, scope) in Triton 3.6+, (tensor) in 3.4 and 3.5
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._qkernels_index_fix = True
     interpreter._patch_lang_tensor = patched

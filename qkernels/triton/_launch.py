@@ -131,7 +131,7 @@ class KernelLauncher:
             named = {**dict(zip(self.jit.arg_names, args)), **kwargs}
             for name, rule in self.heuristics.values.items():
                 kwargs[name] = named[name] = rule(named)
-        binder = self.jit.device_caches[full_key[2]][4]
+        binder = self.jit.device_caches[full_key[2]][-1]  # last of 4 (Triton 3.4) or 5 (3.5+)
         bound, _, _ = binder(*args, **kwargs)
         self._compiled[full_key] = (kernel, tuple(bound.values())[len(args):], kwargs)
 

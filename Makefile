@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qkernels-installed
 
-.PHONY: setup demo test test-deps gpu-suite clean
+.PHONY: setup demo test test-triton-oldest test-deps gpu-suite clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The launcher's fast path (qkernels/triton/_launch.py) reads Triton internals that moved between
+# releases: check it against the oldest Triton the backends accept (capabilities.TRITON_MIN_VERSION),
+# installed beside the venv's own and put first on the path for this one run.
+TRITON_OLDEST ?= 3.4.0
+test-triton-oldest: setup
+	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-$(TRITON_OLDEST) "triton==$(TRITON_OLDEST)"
+	PYTHONPATH=$(VENV)/triton-$(TRITON_OLDEST) $(PY) tests/simulated_launch_checks.py
 
 # Headless Chromium + chromedriver (Debian packages) for the web page's browser test; needs root.
 test-deps:

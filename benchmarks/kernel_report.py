@@ -106,12 +106,16 @@ def _tma_compile(m: int, n: int, k: int, variant: dict):
 
 
 def _ptxas_stats(ptx: str, fmad: bool) -> dict:
+    import inspect
+
     from triton.backends.nvidia.compiler import get_ptxas
 
+    # get_ptxas(arch) since Triton 3.6 (a separate ptxas for sm100+); get_ptxas() in 3.4 and 3.5
+    ptxas = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
-        cmd = [get_ptxas(90).path, "-v", f"--fmad={'true' if fmad else 'false'}", "--gpu-name=sm_90a",
+        cmd = [ptxas.path, "-v", f"--fmad={'true' if fmad else 'false'}", "--gpu-name=sm_90a",
                str(src), "-o", str(Path(d) / "k.cubin")]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", log)

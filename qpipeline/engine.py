@@ -73,6 +73,27 @@ def _text_encoder_backends() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(n for n, a in acts.items() if not a), tuple(n for n, a in acts.items() if a)
 
 
+
+# Qwen-Image-Edit-2511's transformer (``zero_cond_t``) and QwenImageEditPlusPipeline need
+# diffusers 0.37 (0.36 builds the transformer without it; 0.35 has no edit-plus pipeline).
+DIFFUSERS_MIN_VERSION = (0, 37)
+
+
+def _check_diffusers() -> None:
+    import re
+
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise InputError(f"the engine needs diffusers, which failed to import ({exc}): "
+                         "pip install 'qkernels[engine]'") from exc
+    m = re.match(r"(\d+)\.(\d+)", getattr(diffusers, "__version__", ""))
+    if m is None or (int(m.group(1)), int(m.group(2))) < DIFFUSERS_MIN_VERSION:
+        need = ".".join(map(str, DIFFUSERS_MIN_VERSION))
+        raise InputError(f"the engine needs diffusers >= {need} (Qwen-Image-Edit-2511's pipeline and transformer), "
+                         f"found {getattr(diffusers, '__version__', 'unknown')}: pip install -U 'diffusers>={need}'")
+
+
 class Engine:
     """Load once, generate many times. See the module docstring.
 
@@ -169,6 +190,7 @@ class Engine:
     def _load(self) -> None:
         if self.pipeline is not None:
             return
+        _check_diffusers()
         if self.embedding_cache is not None:
             self.embedding_cache.clear()  # entries belong to the text encoder they came from
         if self.model_dir is None:

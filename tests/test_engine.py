@@ -260,6 +260,16 @@ def test_unload_then_generate_reloads(pipe_dir, images):
     assert engine.load_count == 2 and np.array_equal(np.asarray(first), np.asarray(again))
 
 
+def test_an_older_diffusers_is_a_clear_error(pipe_dir, monkeypatch):
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", "0.36.0")  # no zero_cond_t: Edit-2511 cannot be built
+    with pytest.raises(InputError, match=r"diffusers >= 0\.37.*found 0\.36\.0"):
+        Engine(pipe_dir, backend="bf16", device="cpu").load()
+    monkeypatch.setattr(diffusers, "__version__", "0.37.0")
+    assert Engine(pipe_dir, backend="bf16", device="cpu").load().loaded
+
+
 def test_bad_input(pipe_dir, tmp_path, lora_file):
     with pytest.raises(CheckpointError, match="model_index.json"):
         Engine(tmp_path)

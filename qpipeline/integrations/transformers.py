@@ -17,16 +17,22 @@ stays in high precision (quantizing it would untie it and keep a second copy).
 from __future__ import annotations
 
 import torch
+import transformers
 
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
+# The weight-conversion API this quantizer plugs into (``core_model_loading``) is transformers 5's.
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"qkernels' transformers quantizer needs transformers >= 5.0, found {transformers.__version__} "
+                      "(pip install -U 'transformers>=5'); quantize_model / load_quantized work without it")
 
-from qkernels import QuantLinear, formats
+from transformers.core_model_loading import ConversionOps  # noqa: E402
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING  # noqa: E402
+from transformers.quantizers.base import HfQuantizer  # noqa: E402
+from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
-from . import _common
-from ._common import FIXED_BUFFERS, QUANT_METHOD, QKernelsConfigFields
+from qkernels import QuantLinear, formats  # noqa: E402
+
+from . import _common  # noqa: E402
+from ._common import FIXED_BUFFERS, QUANT_METHOD, QKernelsConfigFields  # noqa: E402
 
 __all__ = ["QKernelsConfig", "QKernelsHfQuantizer", "register", "mark_quantized"]
 

@@ -36,7 +36,7 @@ class Launch:
 @dataclass
 class SimulatedDriver:
     """Duck-types the parts of ``triton.backends.nvidia.driver.CudaDriver`` that compiling,
-    autotuning and launching touch (Triton 3.6 and 3.9)."""
+    autotuning and launching touch (Triton 3.4 to 3.9)."""
 
     arch: int = 90
     record_args: bool = True  # False: count launches only (timing: recording costs ~10 us a launch)

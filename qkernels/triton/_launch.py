@@ -205,8 +205,9 @@ class Replay:
     non-tensor arguments (the caller's key); per ``args`` tensor the same None-ness, dtype, shape,
     strides and 16-byte alignment; per ``held`` tensor the same tensor object at the same address
     (a replaced or re-pointed weight is a mismatch). Checked each call: the launches were sized
-    and specialized on them. Tensors reach the launches as device addresses (Triton's launcher
-    takes an int as a pointer and skips its per-tensor ``data_ptr`` call and driver query).
+    and specialized on them. Tensors reach the launches as device addresses (Triton's launcher,
+    3.4 to 3.9, takes an int as a pointer and skips its per-tensor ``data_ptr`` call and driver
+    query).
     ``__call__`` returns None where it cannot replay (another device, a launch hook such as a
     profiler registered, an input that differs): call ``fn`` then.
     """

@@ -7,8 +7,10 @@ against torch._int_mm, no host sync in a forward, and torch.compile(fullgraph=Tr
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 import qkernels.triton as kt  # noqa: E402  (after the importorskip; conftest set TRITON_INTERPRET)
 
 HAS_CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parent.parent
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")  # CPU means the interpreter
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 MS = (1, 17, 100)
@@ -405,6 +408,31 @@ def test_import_qkernels_does_not_import_triton():
     code = ("import sys, qkernels, qkernels.backends, qkernels.ops.gemms; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_triton_that_cannot_import_leaves_the_reference_paths_working(tmp_path):
+    """A `triton` that fails to import (a broken install; an old one fails the same way inside
+    qkernels.triton): the int8-fp8 attention's CPU path is its PyTorch reference and must not
+    import the kernel module (it did, for one padding constant), and the Triton backends are
+    unavailable with the import error as their reason."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('this triton is broken')\n")
+    code = """
+import torch, qkernels
+from qkernels import list_backends
+from qkernels.attention import sdpa
+from qkernels.attention.reference import quantized_attention
+q, k, v = (torch.randn(1, 2, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+assert torch.equal(sdpa(q, k, v, mode="int8-fp8"), quantized_attention(q, k, v)), "reference differs"
+rows = {r.name: r for r in list_backends(torch.device("cpu"))}
+assert not rows["fp8-triton"].available and "this triton is broken" in rows["fp8-triton"].reason
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("backend", ["int8-triton", "fp8-triton"])

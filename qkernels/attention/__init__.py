@@ -107,8 +107,8 @@ def joint_attention(q0: torch.Tensor | None, k0: torch.Tensor | None, v0: torch.
 
     CUDA: the Triton kernel; elsewhere the PyTorch reference of the same arithmetic (slow; the kernel
     under TRITON_INTERPRET=1)."""
-    from .int8_fp8_attention import PAD
     from .ops import int8_fp8_attention
+    from .reference import PAD
 
     _check_qkv(q1, k1, v1, "bshd")
     single = q0 is None

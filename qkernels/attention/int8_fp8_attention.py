@@ -38,12 +38,11 @@ from ..triton._launch import next_power_of_2
 from ..triton._common import (
     AUTOTUNE_CACHE, INTERPRET, INTERPRET_C, make_launcher, round_fp32_to_bf16_grid, soft_e4m3_bits,
 )
-from .reference import E4M3_MAX, LOG2E, P_SCALE
+from .reference import E4M3_MAX, LOG2E, P_SCALE, PAD
 
 __all__ = ["quantize_segments", "attention_core", "attention_8bit", "CONFIGS", "PAD"]
 
 LOG2_P_SCALE = tl.constexpr(math.log2(P_SCALE))  # P = 448 * 2^(s - m): e4m3's largest normal at the row max
-PAD = 128  # S is padded to a multiple of this (>= every BLOCK_M / BLOCK_N below)
 
 
 @triton.jit

@@ -42,6 +42,9 @@ K_BLOCK = 1  # tokens per K scale
 P_SCALE = 448.0  # e4m3 largest normal: P in [0, 1] -> [0, 448]
 E4M3_MAX = 448.0
 LOG2E = 1.4426950408889634
+# The kernel's key/query padding: S is padded to a multiple of this (>= every BLOCK_M / BLOCK_N of
+# qkernels.attention.int8_fp8_attention). Here, not there, so the mask's layout needs no Triton.
+PAD = 128
 LOG2_P_SCALE = math.log2(P_SCALE)
 MAGIC = 12582912.0  # 1.5 * 2^23
 

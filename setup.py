@@ -31,11 +31,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["qkernels*", "qpipeline*", "calibration*", "benchmarks*"]),
-    # A range, not a pin: a machine's own CUDA torch is kept. The Makefile installs the CPU
+    # A range, not a pin: a machine's own CUDA torch is kept. 2.6 is the oldest the CPU suite was run
+    # with (the Triton backends need 2.8's Triton 3.4; torch-native ones run on 2.6). The Makefile installs the CPU
     # build (torch==2.13.0) first on machines without a GPU, so this never pulls CUDA there.
     # huggingface_hub splits checkpoints into shards as save_pretrained does; accelerate builds
     # skeletons on the meta device (init_empty_weights)
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm", "huggingface_hub>=0.25", "accelerate>=1.0"],
+    install_requires=["torch>=2.6", "numpy", "safetensors>=0.4", "tqdm", "huggingface_hub>=0.25", "accelerate>=1.0"],
     extras_require={
         "triton": ["triton>=3.4"],
         # CuPy's build must match the driver's CUDA major version: cupy-cuda12x or cupy-cuda13x.

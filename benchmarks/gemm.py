@@ -92,7 +92,8 @@ def run(args, rows: list[dict] | None = None) -> list[dict]:
     compile_peers = args.compile_peers if args.compile_peers is not None else device.type == "cuda"
     import torch._dynamo as dynamo
 
-    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 4 * len(ms))
+    limit = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 4 * len(ms)))
     variants = all_variants(device, peers=not args.no_peers, compile_peers=compile_peers,
                             compile_ours=args.compile_ours, only=args.only.split(",") if args.only else None)
 

@@ -20,7 +20,7 @@ def _torchvision_for_installed_torch() -> str:
     return f"torchvision=={major - 2}.{minor + 15}.*" if major == 2 else "torchvision"
 
 
-_DIFFUSERS = ["diffusers>=0.37", "transformers>=5.0", "accelerate>=1.0", "peft>=0.18", "pillow"]
+_DIFFUSERS = ["diffusers>=0.37", "transformers>=5.20", "accelerate>=1.0", "peft>=0.18", "pillow"]
 _SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "websockets>=12", *_DIFFUSERS]
 
 setup(

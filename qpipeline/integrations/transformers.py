@@ -19,10 +19,12 @@ from __future__ import annotations
 import torch
 import transformers
 
-# The weight-conversion API this quantizer plugs into (``core_model_loading``) is transformers 5's.
-if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f"qkernels' transformers quantizer needs transformers >= 5.0, found {transformers.__version__} "
-                      "(pip install -U 'transformers>=5'); quantize_model / load_quantized work without it")
+# The weight-conversion API this quantizer plugs into (``core_model_loading``) is transformers 5's;
+# 5.20 (the newest for Python 3.10) and 5.25 are the versions its tests ran with.
+TRANSFORMERS_MIN_VERSION = (5, 20)
+if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < TRANSFORMERS_MIN_VERSION:
+    raise ImportError(f"qkernels' transformers quantizer needs transformers >= 5.20, found {transformers.__version__} "
+                      "(pip install -U 'transformers>=5.20'); quantize_model / load_quantized work without it")
 
 from transformers.core_model_loading import ConversionOps  # noqa: E402
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING  # noqa: E402
@@ -116,6 +118,16 @@ class QKernelsHfQuantizer(HfQuantizer):
             config.layers = _common.plan_layers(model, recipe, getattr(self, "device", torch.device("cpu")),
                                                 self.dtype or torch.bfloat16)
         _common.replace_on_meta(model, config.layers, "quantization_config" if self.pre_quantized else "qkernels")
+        # Each 8-bit weight's placeholder in the load dtype, not int8 / e4m3: transformers < 5.23
+        # casts a checkpoint tensor to its placeholder's dtype before anything else sees it, so a
+        # bf16 weight quantized on load reached the quantize op as an int8 cast of itself, and a
+        # folder whose 8-bit layer holds a bf16 tensor was cast to int8 and passed the check
+        # after loading. Stored 8-bit tensors are never cast (their dtype is not a float one, or
+        # get_new_dtype below), and the quantize op replaces the placeholder.
+        for name in config.layers:
+            m = model.get_submodule(name)
+            m._buffers["weight"] = torch.empty(m._buffers["weight"].shape, dtype=self.dtype or torch.bfloat16,
+                                               device="meta")
         self.fixed_keys = {f"{n}.{b}" for n in config.layers for b in FIXED_BUFFERS}
         return model
 

@@ -22,6 +22,7 @@ __all__ = [
     "triton_reason",
     "triton_import_reason",
     "triton_version_reason",
+    "major_minor",
     "cupy_reason",
     "cublaslt_reason",
 ]
@@ -112,7 +113,8 @@ def triton_interpret() -> bool:
 TRITON_MIN_VERSION = (3, 4)
 
 
-def _major_minor(version: str) -> tuple[int, int]:
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.4.0+git1234' or '5.0.0rc1'; (0, 0) if none."""
     m = re.match(r"(\d+)\.(\d+)", version)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
@@ -131,7 +133,7 @@ def triton_import_reason() -> str | None:
 
 def triton_version_reason(version: str) -> str | None:
     """Why Triton ``version`` cannot run these kernels (None: it can)."""
-    if _major_minor(version) < TRITON_MIN_VERSION:
+    if major_minor(version) < TRITON_MIN_VERSION:
         need = ".".join(map(str, TRITON_MIN_VERSION))
         return (f"triton {version} is older than {need}, the oldest these kernels run with (torch >= 2.8 "
                 f"ships triton >= {need}: upgrade torch, which brings the triton it was built with)")

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from qkernels import formats, list_backends
-from qkernels.capabilities import device_reason
+from qkernels.capabilities import device_reason, major_minor
 from qkernels.errors import BackendUnavailableError, CheckpointError, InputError
 
 from . import lora as qlora
@@ -80,15 +80,12 @@ DIFFUSERS_MIN_VERSION = (0, 37)
 
 
 def _check_diffusers() -> None:
-    import re
-
     try:
         import diffusers
     except ImportError as exc:
         raise InputError(f"the engine needs diffusers, which failed to import ({exc}): "
                          "pip install 'qkernels[engine]'") from exc
-    m = re.match(r"(\d+)\.(\d+)", getattr(diffusers, "__version__", ""))
-    if m is None or (int(m.group(1)), int(m.group(2))) < DIFFUSERS_MIN_VERSION:
+    if major_minor(getattr(diffusers, "__version__", "")) < DIFFUSERS_MIN_VERSION:
         need = ".".join(map(str, DIFFUSERS_MIN_VERSION))
         raise InputError(f"the engine needs diffusers >= {need} (Qwen-Image-Edit-2511's pipeline and transformer), "
                          f"found {getattr(diffusers, '__version__', 'unknown')}: pip install -U 'diffusers>={need}'")

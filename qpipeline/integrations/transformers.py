@@ -19,10 +19,12 @@ from __future__ import annotations
 import torch
 import transformers
 
+from qkernels.capabilities import major_minor
+
 # The weight-conversion API this quantizer plugs into (``core_model_loading``) is transformers 5's;
 # 5.20 (the newest for Python 3.10) and 5.25 are the versions its tests ran with.
 TRANSFORMERS_MIN_VERSION = (5, 20)
-if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < TRANSFORMERS_MIN_VERSION:
+if major_minor(transformers.__version__) < TRANSFORMERS_MIN_VERSION:
     raise ImportError(f"qkernels' transformers quantizer needs transformers >= 5.20, found {transformers.__version__} "
                       "(pip install -U 'transformers>=5.20'); quantize_model / load_quantized work without it")
 

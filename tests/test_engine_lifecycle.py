@@ -17,6 +17,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.05  # of the pre-load resident memory (the bound)
+# Of the load's own resident growth (~100-130 MB here): what a freed process may keep at most, and
+# less than a pipeline still referenced keeps (~50 MB, 38-50% of the growth, measured on Python
+# 3.10-3.13). The control cannot use TOLERANCE: the pre-load baseline is ~0.5 GB on Python 3.11
+# and ~1.06 GB on 3.13 (torch's import), where 5% of it (53 MB) hides the held pipeline.
+RELEASE = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +62,13 @@ def _measure(folders_and_flags):
 def test_unload_returns_the_process_to_its_pre_load_memory(wide_pipeline):
     freed, leaked = _measure([(wide_pipeline, []), (wide_pipeline, ["--keep-reference"])])
     for m in (freed, leaked):
-        # the load is large next to the tolerance, or the comparison below would prove nothing
-        assert m["loaded"] - m["before"] > 2 * TOLERANCE * m["before"], m
-    assert abs(freed["after"] - freed["before"]) <= TOLERANCE * freed["before"], freed
+        # the load is large enough to see, or the comparisons below would prove nothing
+        assert m["loaded"] - m["before"] > 64 << 20, m
+    kept = freed["after"] - freed["before"]
+    assert abs(kept) <= TOLERANCE * freed["before"], freed
+    assert abs(kept) <= RELEASE * (freed["loaded"] - freed["before"]), freed
     # a pipeline still referenced after unload() keeps its memory, and the same check fails on it
-    assert leaked["held"] and leaked["after"] - leaked["before"] > TOLERANCE * leaked["before"], leaked
+    assert leaked["held"] and leaked["after"] - leaked["before"] > RELEASE * (leaked["loaded"] - leaked["before"]), leaked
 
 
 @pytest.mark.gpu

@@ -10,8 +10,9 @@ exact chunks or as one power-of-two tile, 2, 4 and 8 warps a row; the separate
 activation), 1 or 2 rows a program, 4, 8 and 16 warps (run 9 also measured it with chunked
 rows: slower, since removed); ``qk_norm_rope`` (two streams' q|k|v [M, 9216] -> joint q, k, v)
 with split pair loads, 2, 4, 8 warps a token (run 5 measured the strided loads at a tenth of the
-copy rate); and ``clone`` of the same bytes as the roof, per K. Rows: median us (triton.testing.do_bench), GB/s, % of the copy rate; ``current``
-marks the launch choice the tuning tables make now.
+copy rate); and ``clone`` of the same bytes as the roof, per K. Rows: median us
+(triton.testing.do_bench), GB/s, % of the copy rate; ``current`` marks the launch choice the
+tuning tables make now.
 """
 
 from __future__ import annotations

@@ -73,7 +73,6 @@ def _text_encoder_backends() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(n for n, a in acts.items() if not a), tuple(n for n, a in acts.items() if a)
 
 
-
 # Qwen-Image-Edit-2511's transformer (``zero_cond_t``) and QwenImageEditPlusPipeline need
 # diffusers 0.37 (0.36 builds the transformer without it; 0.35 has no edit-plus pipeline).
 DIFFUSERS_MIN_VERSION = (0, 37)

@@ -60,12 +60,13 @@ def cuda_impl(op):
 def _lazy_cuda_impl(op):
     def first_call(*args):
         reason = triton_import_reason()  # e.g. a Triton older than the kernels need
-        try:
-            if reason is not None:
-                raise ImportError(reason)
-            impl = cuda_impl(op)
-        except Exception as exc:  # a broken triton install must not break CUDA inference
-            log.warning("Triton kernels unavailable (%s): %s runs its PyTorch reference on CUDA", exc, op.name)
+        if reason is None:
+            try:
+                impl = cuda_impl(op)
+            except Exception as exc:  # a broken triton install must not break CUDA inference
+                reason = str(exc)
+        if reason is not None:
+            log.warning("Triton kernels unavailable (%s): %s runs its PyTorch reference on CUDA", reason, op.name)
             impl = op.reference
         op.register("cuda", impl)
         return impl(*args)
@@ -279,18 +280,21 @@ class FP8Triton(_TritonW8A8):
     # M >= 1024 against 29.1 ms without, at 2,256 tokens (image M = 2,048) 16.0 against 13.0 ms.
     TMA_MIN_M: int | None = 4096
 
+    def _tma(self, a) -> bool:
+        """Whether the [M, K] activation ``a`` goes to the TMA GEMM (TMA_MIN_M; rows of 16 bytes)."""
+        return self.TMA_MIN_M is not None and a.shape[0] >= self.TMA_MIN_M and a.shape[1] % 16 == 0
+
     def _forward(self, layer, x):
         k = _kernels(x)
         if layer.input_scale is not None:
             q, s = k.quantize_per_tensor(x, layer.input_scale, layer.input_smooth, True)
         else:
             q, s = k.quantize_per_token(x, layer.input_smooth, True)
-        if self.TMA_MIN_M is not None and x.shape[0] >= self.TMA_MIN_M and x.shape[1] % 16 == 0:
+        if self._tma(x):
             return k.fp8_gemm_tma(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return k.fp8_gemm(q, s, layer.weight, layer.weight_scale, layer.bias, x.dtype)
 
     def _gemm(self, layer, q, s, out_dtype, gelu, residual, gate, gate_rows):
         k = _kernels(q)
-        op = (k.fp8_gemm_tma_fused if self.TMA_MIN_M is not None and q.shape[0] >= self.TMA_MIN_M
-              and q.shape[1] % 16 == 0 else k.fp8_gemm_fused)
+        op = k.fp8_gemm_tma_fused if self._tma(q) else k.fp8_gemm_fused
         return op(q, s, layer.weight, layer.weight_scale, layer.bias, out_dtype, gelu, residual, gate, gate_rows)

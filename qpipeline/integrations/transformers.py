@@ -25,8 +25,10 @@ from qkernels.capabilities import major_minor
 # 5.20 (the newest for Python 3.10) and 5.25 are the versions its tests ran with.
 TRANSFORMERS_MIN_VERSION = (5, 20)
 if major_minor(transformers.__version__) < TRANSFORMERS_MIN_VERSION:
-    raise ImportError(f"qkernels' transformers quantizer needs transformers >= 5.20, found {transformers.__version__} "
-                      "(pip install -U 'transformers>=5.20'); quantize_model / load_quantized work without it")
+    _need = ".".join(map(str, TRANSFORMERS_MIN_VERSION))
+    raise ImportError(f"qkernels' transformers quantizer needs transformers >= {_need}, found "
+                      f"{transformers.__version__} (pip install -U 'transformers>={_need}'); quantize_model / "
+                      "load_quantized work without it")
 
 from transformers.core_model_loading import ConversionOps  # noqa: E402
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING  # noqa: E402

@@ -3,7 +3,7 @@
 # torchao fp8 rowwise + compile (both compiled block by block), ours fused, ours fused + int8-fp8
 # attention; then the sweep's larger sizes, 768^2 (4,816 tokens) and 1440^2 (16,408), ours fused
 # against bf16 eager.
-CALL=2; source benchmarks/results/h200/run11/_pre.sh
+CALL=2; source benchmarks/results/h100/run11/_pre.sh
 timeout -s INT 330 $E2E --height 1024 --width 1024 --compile-peers \
   --only bf16+compile,torchao-fp8-rowwise+compile,fp8-triton+fused,fp8-triton+fused+int8attn \
   --out "$OUT/e2e60-compile" > "$OUT/e2e60-compile.log" 2>&1; log "e2e60-compile rc=$?"

@@ -4,7 +4,7 @@
 # host time per quantized Linear on the GPU host (issue 20's <= 30 us), at the attention shape and
 # the modulation's 3072 -> 18432; the 60 fused blocks at 2,256 tokens with and without replay and
 # with graphs; the sweep's smallest size (320^2 + reference, 1,008 tokens) against bf16.
-CALL=1; source benchmarks/results/h200/run11/_pre.sh
+CALL=1; source benchmarks/results/h100/run11/_pre.sh
 timeout -s INT 100 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_triton.py -k "replay" \
   > "$OUT/gpu_tests_replay.log" 2>&1; log "replay tests rc=$?"
 timeout -s INT 80 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_fused.py -k "epilogue or replayed" \

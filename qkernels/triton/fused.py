@@ -440,5 +440,5 @@ def gemm_epilogue(y: torch.Tensor, out_dtype: torch.dtype, gelu: bool, residual:
     _epilogue_launch((cdiv(m, bm), cdiv(n, bn)), (),
                      (y, _ones(n, y.device), out, res_p, gate_p, rows_p, m, n, y.stride(0),
                       gate.stride(0) if gate is not None else 0),
-                     EPILOGUE=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                     EPILOGUE=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False)
     return out

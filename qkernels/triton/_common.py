@@ -306,7 +306,7 @@ def launch_gemm(launch, pointers: tuple, a: torch.Tensor, w: torch.Tensor, c: to
     launch(gemm_grid(m, n), (mb, n, k),
            (*pointers, m, n, k, mb, a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
             *tail),
-           **meta, enable_fp_fusion=False)
+           **meta)
 
 
 def check_epilogue(m: int, n: int, gelu: bool, residual: torch.Tensor | None, gate: torch.Tensor | None,
@@ -430,9 +430,16 @@ def even_k(args) -> bool:
     return args["K"] % args["BLOCK_K"] == 0
 
 
-def make_launcher(kernel):
+def make_launcher(kernel, fp_fusion: bool = False):
     """``launch(grid, key, args, **meta)`` for ``kernel``: a :class:`KernelLauncher` (the Python
-    launch work paid once per specialization), or under the interpreter a plain launch."""
+    launch work paid once per specialization), or under the interpreter a plain launch.
+
+    The kernel compiles with FMA contraction only if ``fp_fusion`` (or a call's own
+    ``enable_fp_fusion``) says so. The references, the interpreter and the unfused block round
+    every product; a contracted ``a * b + c`` rounds once, which only a GPU run shows. Run 11 (an
+    H100) found the one launch that had left Triton's default on: the epilogue pass's gated
+    residual compiled to one ``fma.rn.bf16x2`` and was a bf16 step off in 27% of its entries
+    (``tests/contraction_checks.py`` now checks every elementwise kernel's compiled code)."""
     if INTERPRET:
-        return lambda grid, key, args, **meta: kernel[grid](*args, **meta)
-    return KernelLauncher(kernel)
+        return lambda grid, key, args, **meta: kernel[grid](*args, **{"enable_fp_fusion": fp_fusion, **meta})
+    return KernelLauncher(kernel, fp_fusion)

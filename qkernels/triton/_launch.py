@@ -80,11 +80,13 @@ class KernelLauncher:
     ``grid`` is a tuple, or maps the meta-parameters (``meta`` + the tuned config) to one.
     ``key`` holds the values the autotuner keys on (e.g. ``(M_BUCKET, N, K)``; ``()`` for a kernel
     that is not autotuned): with ``meta``, the device and the specialization of ``args`` it
-    determines the compiled kernel.
+    determines the compiled kernel. ``fp_fusion`` (if not ``None``) is the ``enable_fp_fusion``
+    of a call that does not pass its own.
     """
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, fp_fusion: bool | None = None):
         self.kernel = kernel
+        self.fp_fusion = fp_fusion
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
         fn = kernel.fn if self.autotuner is not None else kernel
         self.heuristics = fn if isinstance(fn, Heuristics) else None
@@ -96,6 +98,8 @@ class KernelLauncher:
         self._compiled: dict[tuple, tuple] = {}
 
     def __call__(self, grid, key: tuple, args: tuple, **meta) -> None:
+        if self.fp_fusion is not None and "enable_fp_fusion" not in meta:
+            meta["enable_fp_fusion"] = self.fp_fusion
         # The current device, as Triton launches on it (its kernels are loaded per device).
         device = driver.active.get_current_device()
         full_key = (key, tuple(meta.values()), device, specialization(args))

@@ -164,6 +164,5 @@ def fp8_gemm_tma(
         (a_desc, w_desc, c, a_scale, w_scale, *_epilogue_pointers(bias, residual, gate, gate_rows, w_scale), m, n, k,
          c.stride(0), c.stride(1), gate.stride(0) if gate is not None else 0),
         HAS_BIAS=bias is not None, EPILOGUE=epilogue, NUM_PROGRAMS=programs, FLATTEN=flatten, **cfg,
-        enable_fp_fusion=False,
     )
     return c

@@ -228,7 +228,6 @@ def layernorm_modulate_quant(
         QMAX=448.0 if fp8 else 127.0, FP8=fp8, SOFT_FP8=fp8 and INTERPRET, ROUND=_ROUND_CODE[x.dtype],
         CHUNK=chunk, NCHUNK=nchunk, EVEN_K=nchunk * chunk == k,
         num_warps=1 if INTERPRET else (TUNING["lmq_warps"] or min(16, max(4, nchunk * chunk // 1024))),
-        enable_fp_fusion=False,
     )
     return q, s
 
@@ -385,7 +384,7 @@ def qk_norm_rope(
         (qkv_txt, qkv_img, *weights, rope_txt, rope_img, q, k, v, l_txt, l_img, heads,
          qkv_txt.stride(0), qkv_img.stride(0), float(eps)),
         D=d, HB=hb, ROUND=_ROUND_CODE[qkv_img.dtype], HAS_NORM=norm_txt is not None, SPLIT=TUNING["qk_split"],
-        num_warps=1 if INTERPRET else TUNING["qk_warps"], enable_fp_fusion=False,
+        num_warps=1 if INTERPRET else TUNING["qk_warps"],
     )
     return q, k, v
 
@@ -440,5 +439,5 @@ def gemm_epilogue(y: torch.Tensor, out_dtype: torch.dtype, gelu: bool, residual:
     _epilogue_launch((cdiv(m, bm), cdiv(n, bn)), (),
                      (y, _ones(n, y.device), out, res_p, gate_p, rows_p, m, n, y.stride(0),
                       gate.stride(0) if gate is not None else 0),
-                     EPILOGUE=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, enable_fp_fusion=False)
+                     EPILOGUE=code, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return out

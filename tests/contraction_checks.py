@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
         for h, name in launched.items():
             md, ptx = kernels[h].metadata, kernels[h].asm["ptx"]
             # no kernel here calls tl.fma: an fma in the PTX is the compiler's contraction (with it
-            # allowed, quantize_per_tensor compiled to 10 of them, the epilogue pass to 16)
+            # allowed, quantize_per_tensor compiled its NaN-poison sum to fma, the epilogue pass its gated
+            # residual)
             contracted = len(re.findall(r"\bfma\.rn\.", ptx))
             check(f"{name}: compiled without FMA contraction (enable_fp_fusion={md.enable_fp_fusion}, "
                   f"{contracted} fma in its PTX)", not md.enable_fp_fusion and contracted == 0)

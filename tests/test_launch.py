@@ -17,9 +17,9 @@ import torch
 CHECKS = Path(__file__).resolve().parent / "simulated_launch_checks.py"
 
 
-def _run(*flags: str) -> subprocess.CompletedProcess:
+def _run(*flags: str, script: Path = CHECKS) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(CHECKS), *flags], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, env=env,
                           timeout=600)
 
 
@@ -99,19 +99,13 @@ def test_replay_scratch_is_per_stream_and_thread_grows_and_is_capped(monkeypatch
 CONTRACTION = Path(__file__).resolve().parent / "contraction_checks.py"
 
 
-def _run_contraction(*flags: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(CONTRACTION), *flags], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
 @pytest.mark.slow
 def test_elementwise_kernels_compile_without_fma_contraction():
     """Each elementwise kernel, launched as its entry launches it, compiles for sm90 without FMA
     contraction: the references round every product (run 11 found the epilogue pass's gated
     residual contracted into one fma, a bf16 step off in 27% of its entries on the H100)."""
     pytest.importorskip("triton")
-    out = _run_contraction()
+    out = _run(script=CONTRACTION)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all contraction checks passed" in out.stdout
     assert out.stdout.count("ok   _") >= 7, out.stdout
@@ -121,7 +115,7 @@ def test_elementwise_kernels_compile_without_fma_contraction():
 def test_contraction_checks_catch_the_epilogue_pass_launched_with_contraction():
     """The same check fails on the defect it is for: the epilogue pass with contraction allowed."""
     pytest.importorskip("triton")
-    out = _run_contraction("--break-fusion")
+    out = _run("--break-fusion", script=CONTRACTION)
     assert out.returncode != 0
     assert "FAIL _epilogue_kernel: compiled without FMA contraction (enable_fp_fusion=True" in out.stdout, (
         out.stdout + out.stderr)

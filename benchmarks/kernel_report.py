@@ -228,8 +228,9 @@ def _attention_rows(args, rows: list[dict]) -> None:
                    block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], block_k=d, group_m=None,
                    note=f"S={ATTENTION_S}, {h} heads of {d}")
         try:
+            # with FMA contraction, as its launcher compiles it (make_launcher(..., fp_fusion=True))
             compiled = jit.warmup(*targs, grid=(1,), HEAD_DIM=d, SOFT_FP8=False, **c,
-                                  num_warps=config.num_warps, num_stages=config.num_stages)
+                                  num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True)
             row.update(_describe(compiled, "attention_int8_fp8"), status="ok")
         except Exception as exc:
             row["status"] = harness.fmt_status(exc)
@@ -245,12 +246,13 @@ def _attention_rows(args, rows: list[dict]) -> None:
             if kind == 3:
                 sargs = (*[_tiny(bf16)] * 4, _tiny(f32), _tiny(f32), _tiny(f32), _tiny(f32), 0, ATTENTION_S, h, s_pad,
                          *strides * 4)
-                compiled = mod._stats_kernel.warmup(*sargs, grid=(1,), HEAD_DIM=d, BLOCK=block, num_warps=4)
+                compiled = mod._stats_kernel.warmup(*sargs, grid=(1,), HEAD_DIM=d, BLOCK=block, num_warps=4,
+                                                    enable_fp_fusion=True)
             else:
                 qargs = (_tiny(bf16), _tiny(bf16), _tiny(f32), _tiny(f32), _tiny(f32), _tiny(e4 if kind == 2 else i8),
                          _tiny(f32), 0, ATTENTION_S, h, s_pad, *strides, *strides)
                 compiled = qjit.warmup(*qargs, grid=(1,), KIND=kind, SCALE_MUL=0.1275, HEAD_DIM=d, BLOCK=block,
-                                       SOFT_FP8=False, num_warps=4)
+                                       SOFT_FP8=False, num_warps=4, enable_fp_fusion=True)
             row.update(_describe(compiled, name), status="ok")
         except Exception as exc:
             row["status"] = harness.fmt_status(exc)

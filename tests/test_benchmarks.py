@@ -173,6 +173,8 @@ def test_e2e_quick_one_block(tmp_path):
     assert int(q["weight_bytes"]) < int(bf["weight_bytes"])
     # int8 block weights: 1 byte + a 4-byte scale per 64-wide row vs 2 bytes -> under 0.6x
     assert float(q["block_weight_bytes"]) < 0.6 * float(bf["block_weight_bytes"])
+    # the first call's peak (compile, tuning) apart from the timed forwards'
+    assert int(q["first_call_peak_bytes"]) > 0 and int(q["peak_mem_bytes"]) > 0
     assert 0 < float(q["rel_error_vs_bf16"]) < 0.05
     assert q["load_status"] == "ok" and float(q["load_s"]) > 0  # qpipeline is here: load is measured
     assert float(bf["ms_60_blocks_extrapolated"]) == pytest.approx(float(bf["median_ms"]) * 60)

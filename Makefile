@@ -40,6 +40,7 @@ TRITON_OLDEST ?= 3.4.0
 test-triton-oldest: setup
 	$(PY) -m pip install -q --no-deps --target $(VENV)/triton-$(TRITON_OLDEST) "triton==$(TRITON_OLDEST)"
 	PYTHONPATH=$(VENV)/triton-$(TRITON_OLDEST) $(PY) tests/simulated_launch_checks.py
+	PYTHONPATH=$(VENV)/triton-$(TRITON_OLDEST) $(PY) tests/contraction_checks.py
 
 # Headless Chromium + chromedriver (Debian packages) for the web page's browser test; needs root.
 test-deps:

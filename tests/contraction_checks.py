@@ -1,13 +1,13 @@
-"""Every elementwise Triton kernel here compiles, as its launcher launches it, without FMA
-contraction: under ``benchmarks.simulated_gpu`` (compiled for sm90 by Triton and ptxas, nothing
+"""Every Triton kernel here but the attention's compiles, as its launcher launches it, without
+FMA contraction: under ``benchmarks.simulated_gpu`` (compiled for sm90 by Triton and ptxas, nothing
 runs) each public entry of ``qkernels.triton`` is called once and the kernel it launched is read.
 
 Why: the PyTorch references, the interpreter and the unfused block round every product. A
 contracted ``a * b + c`` rounds once, so a kernel compiled with contraction computes other
 numbers than its reference on the GPU only, where the CPU tests cannot see it. Run 11 on an H100
 found one: the epilogue-only pass's gated residual compiled to one ``fma.rn.bf16x2`` and was off
-by a bf16 step in 27% of its entries. The GEMMs' launches (``launch_gemm``) are covered by the
-same default and not compiled here: each autotuned GEMM compiles all of its configs.
+by a bf16 step in 27% of its entries. The GEMMs are compiled too, each autotuner cut to its
+first config (tuning would compile every config; the launch options do not depend on it).
 
 Run by ``tests/test_launch.py`` in a subprocess (it needs a real ``triton.jit``).
 ``python tests/contraction_checks.py [--break-fusion]`` prints one line per kernel and exits
@@ -18,6 +18,7 @@ allowed (the defect above), which the checks must catch.
 from __future__ import annotations
 
 import gc
+import importlib
 import re
 import sys
 import warnings
@@ -47,7 +48,7 @@ def compiled_kernels(hashes: set[str]) -> dict[str, object]:
 
 
 def drive(kt, only_epilogue: bool) -> None:
-    """One call of each elementwise entry, at small shapes (the sizes reach the compiler only as
+    """One call of each entry, at small shapes (the sizes reach the compiler only as
     ints; alignment and dtypes decide the kernel)."""
     bf16, f32, i32 = torch.bfloat16, torch.float32, torch.int32
     m, k, n, g = 64, 128, 96, 2
@@ -67,6 +68,22 @@ def drive(kt, only_epilogue: bool) -> None:
     norms = [torch.ones(d, dtype=bf16) for _ in range(4)]
     kt.qk_norm_rope(torch.empty(lt, 3 * heads * d, dtype=bf16), torch.empty(li, 3 * heads * d, dtype=bf16), 1, heads,
                     *norms, *rope, 1e-6)
+    # the GEMMs, with each epilogue (their dequant and epilogue arithmetic is elementwise too)
+    mods = {name: importlib.import_module(f"qkernels.triton.{name}") for name in ("int8_gemm", "fp8_gemm",
+                                                                                 "weight_only_gemm")}
+    for tuned in (mods["int8_gemm"]._int8_gemm_kernel, mods["int8_gemm"]._int8_static_gemm_kernel,
+                  mods["fp8_gemm"]._fp8_gemm_kernel, mods["weight_only_gemm"]._weight_only_gemm_kernel):
+        tuned.configs = tuned.configs[:1]
+    mods["fp8_gemm"]._programs = lambda device_index: 132  # the TMA GEMM's persistent grid: an H100's SMs
+    ws, bias, sa = torch.ones(n), torch.zeros(n, dtype=bf16), torch.ones(m)
+    for dtype, gemm in ((torch.int8, kt.int8_gemm), (torch.float8_e4m3fn, kt.fp8_gemm), (torch.float8_e4m3fn,
+                                                                                         kt.fp8_gemm_tma)):
+        a, w = torch.zeros(m, k, dtype=dtype), torch.zeros(n, k, dtype=dtype)
+        for epilogue in ((False, None, None, None), (True, None, None, None), (False, res, gate, rows)):
+            gemm(a, sa, w, ws, bias, bf16, *epilogue)
+    w8 = torch.zeros(n, k, dtype=torch.int8)
+    kt.int8_static_gemm(x, torch.ones(1), torch.ones(k), w8, ws, bias)
+    kt.weight_only_gemm(x, w8, ws, bias)
 
 
 def main(argv: list[str]) -> int:

@@ -98,6 +98,41 @@ def gemm_checks(sim) -> None:
     check("a misaligned A gets its own kernel", hashes[(32, True)] != hashes[(32, False)])
 
 
+def tma_checks(sim) -> None:
+    """The TMA GEMM (host-side descriptors as arguments, a persistent grid): the direct launch
+    passes what Triton's own path passed. Triton 3.4's descriptor has no ``padding`` (3.5+ does):
+    the launcher's specialization key read it and raised there."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fp8 = importlib.import_module("qkernels.triton.fp8_gemm")
+    programs, fp8._programs = fp8._programs, lambda device_index: 132  # an H100's SMs
+    try:
+        m, k, n = 256, 256, 256
+        e4 = torch.float8_e4m3fn
+        a, w = torch.empty(m, k, dtype=e4), torch.empty(n, k, dtype=e4)
+        ws, sa, bias = torch.empty(n), torch.empty(m), torch.empty(n, dtype=torch.bfloat16)
+        before = len(sim.launches)
+        with cuda_path_on_cpu():
+            for _ in range(2):  # Triton's own path (first call: compiles), then the direct launch
+                fp8.fp8_gemm_tma(a, sa, w, ws, bias, torch.bfloat16, False, None, None, None)
+    finally:
+        fp8._programs = programs
+    slow, fast = sim.launches[before:]
+
+    inputs = {t.data_ptr() for t in (a, w, ws, sa, bias)}
+
+    def arg(v):  # each call's own output tensor: its dtype only
+        if isinstance(v, TensorDescriptor):
+            return ("desc", v.base.data_ptr(), tuple(v.shape), tuple(v.strides), tuple(v.block_shape))
+        if isinstance(v, torch.Tensor):
+            return ("tensor", v.data_ptr() if v.data_ptr() in inputs else "output", v.dtype)
+        return v
+
+    check("fp8 TMA gemm m=256: the direct launch passes what Triton's path passed",
+          (slow.kernel_hash, slow.grid, tuple(map(arg, slow.args))) == (fast.kernel_hash, fast.grid,
+                                                                         tuple(map(arg, fast.args))))
+
+
 def layer_checks(sim) -> None:
     """A QuantLinear forward after its first call: one launch per kernel, no tuning, no compile."""
     from qkernels import QuantLinear
@@ -329,6 +364,7 @@ def main(argv: list[str]) -> int:
     with simulated_driver() as sim:
         quant_checks(sim)
         gemm_checks(sim)
+        tma_checks(sim)
         if "--no-layer" not in argv:
             layer_checks(sim)
         if "--no-replay" not in argv:

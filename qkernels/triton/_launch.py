@@ -52,12 +52,14 @@ def next_power_of_2(n: int) -> int:
 
 def specialization(args: tuple) -> tuple:
     """What Triton's binder specializes each positional argument on (see the module doc).
-    A host-side TMA descriptor: its dtype, block shape and padding. Floats, bools and None:
-    their type only (Triton does not specialize them further).
+    A host-side TMA descriptor: its dtype, block shape and padding (Triton 3.5+; 3.4's descriptor
+    has none and pads with zeros). Floats, bools and None: their type only (Triton does not
+    specialize them further).
     One comprehension: 4.2 us for a GEMM's 16 arguments on the CPU above, 7.1 us as a loop."""
     return tuple([(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else
                   (a == 1, a & 15 == 0, _I32_MIN <= a <= _I32_MAX) if type(a) is int else
-                  (a.base.dtype, tuple(a.block_shape), a.padding) if isinstance(a, TensorDescriptor) else type(a)
+                  (a.base.dtype, tuple(a.block_shape), getattr(a, "padding", "zero")) if isinstance(a, TensorDescriptor)
+                  else type(a)
                   for a in args])
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -735,6 +736,21 @@ def test_fp8_triton_layer_takes_the_tma_gemm_when_enabled(monkeypatch):
     assert rel_error(y_tma.cpu(), y_default.cpu().double()) < 2 * ROUNDING_RMS[torch.bfloat16]
     layer(x[:, :5])  # 15 tokens: under TMA_MIN_M, the default kernel
     assert calls == [(33, 64)]
+
+
+def test_fp8_triton_takes_the_tma_gemm_on_hopper_only(monkeypatch):
+    """TMA is sm90 hardware: on an Ada GPU (sm89, fp8 tensor cores) the layer keeps the pointer
+    GEMM at every M; on sm90 it takes the TMA GEMM from TMA_MIN_M tokens, and below them never."""
+    from qkernels.backends import triton_backends as tb
+    from qkernels.registry import get_backend
+
+    backend = get_backend("fp8-triton")
+    big = SimpleNamespace(shape=(tb.FP8Triton.TMA_MIN_M, 3072), device=torch.device("cuda", 0))
+    small = SimpleNamespace(shape=(tb.FP8Triton.TMA_MIN_M - 1, 3072), device=torch.device("cuda", 0))
+    for capability, want in (((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(tb, "cuda_capability", lambda index, c=capability: c)
+        assert backend._tma(big) is want, capability
+        assert backend._tma(small) is False
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from .. import ops
-from ..capabilities import fp8_gemm_reason, triton_import_reason, triton_reason
+from ..capabilities import cuda_capability, fp8_gemm_reason, triton_import_reason, triton_reason
 from ..ops import fused, gemms
 from ..registry import Backend, register_backend
 
@@ -278,11 +278,16 @@ class FP8Triton(_TritonW8A8):
     # (benchmarks/results/h200): bare 3072x3072 GEMM 1.82x bf16 against 1.68x at M >= 4096, but
     # 0.70x at M <= 256; 6 fused blocks at 8,400 tokens (image M = 8,192) 28.4 ms with it from
     # M >= 1024 against 29.1 ms without, at 2,256 tokens (image M = 2,048) 16.0 against 13.0 ms.
+    # Hopper only: TMA is sm90 hardware; for sm89 (Ada, fp8 too) Triton lowers the descriptors to
+    # plain loads and mma.sync with 48 KB of shared memory (benchmarks.simulated_gpu, arch=89), a
+    # kernel never measured there, where the pointer GEMM is the tuned one.
     TMA_MIN_M: int | None = 4096
 
     def _tma(self, a) -> bool:
-        """Whether the [M, K] activation ``a`` goes to the TMA GEMM (TMA_MIN_M; rows of 16 bytes)."""
-        return self.TMA_MIN_M is not None and a.shape[0] >= self.TMA_MIN_M and a.shape[1] % 16 == 0
+        """Whether the [M, K] activation ``a`` goes to the TMA GEMM (TMA_MIN_M; rows of 16 bytes;
+        on CUDA, compute capability 9.0+)."""
+        return (self.TMA_MIN_M is not None and a.shape[0] >= self.TMA_MIN_M and a.shape[1] % 16 == 0
+                and (a.device.type != "cuda" or cuda_capability(a.device.index or 0) >= (9, 0)))
 
     def _forward(self, layer, x):
         k = _kernels(x)

@@ -7,8 +7,8 @@ each backend and peer.
 The transformer is ``qpipeline.demo.build_demo_transformer`` (seeded random weights, real widths
 with ``--size full-width``); a variant is built fresh, quantized in place one Linear at a time
 (peak: the model plus one bf16 layer), timed, then freed before the next. ``peak_mem_bytes`` is
-the timed forwards' peak; ``first_call_peak_bytes`` the first call's (compiles, tuning). Only the Linears of
-``transformer_blocks`` are quantized (embedders, norm_out and proj_out stay bf16), except for
+the timed forwards' peak; ``first_call_peak_bytes`` the first call's (compiles, tuning). Only the
+Linears of ``transformer_blocks`` are quantized (embedders, norm_out and proj_out stay bf16), except for
 diffusers' ``enable_layerwise_casting``, which picks its own layers.
 
 Tokens: a HxW image is (H/16)x(W/16) latent patches (VAE /8, patch 2): 1024x1024 -> 4096;
@@ -38,9 +38,9 @@ COLUMNS = [
     "bench", "variant", "family", "format", "status", "size", "blocks", "tokens", "height", "width", "reference",
     "median_ms", "p20_ms", "p80_ms", "spread_ms", "reps", "speedup_vs_bf16", "baseline", "first_call_s",
     "build_s", "quantize_s", "weight_bytes", "block_weight_bytes", "peak_mem_bytes", "peak_minus_base_bytes",
-    "first_call_peak_bytes", "mem_method", "rel_error_vs_bf16", "ms_60_blocks_extrapolated", "weight_gb_60_blocks_extrapolated",
-    "load_s", "load_status", "gpu_ms", "share_gemm", "share_attention", "share_norm_fused", "share_act_quant",
-    "share_other", "note",
+    "first_call_peak_bytes", "mem_method", "rel_error_vs_bf16", "ms_60_blocks_extrapolated",
+    "weight_gb_60_blocks_extrapolated", "load_s", "load_status", "gpu_ms", "share_gemm", "share_attention",
+    "share_norm_fused", "share_act_quant", "share_other", "note",
 ]
 
 # GPU kernel time by kind (--profile), from the kernel names the profiler reports. Checked in this

@@ -165,6 +165,11 @@ def cuda_path_on_cpu():
         module = importlib.import_module(f"qkernels.triton.{name}")
         if hasattr(module, "check_device"):  # each module's own binding of _common.check_device
             patch(module, "check_device", lambda *tensors: None)
+    # the TMA GEMM's persistent grid: the SM count, from the (simulated) driver, not torch.cuda
+    from triton.runtime import driver as triton_driver
+
+    patch(importlib.import_module("qkernels.triton.fp8_gemm"), "_programs", lambda device_index:
+          triton_driver.active.utils.get_device_properties(device_index)["multiprocessor_count"])
     ops: list[tuple[KernelOp, object]] = []
     for op in tb._CUDA_KERNELS:
         ops.append((op, op._impls.get("cpu")))

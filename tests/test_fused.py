@@ -136,13 +136,13 @@ def test_backend_gemm_runs_the_epilogue_op():
     q, s, w, ws, bias, res, gate, rows = _gemm_case("w8a8-int8")
     layer = SimpleNamespace(weight=w, weight_scale=ws, bias=bias)
     backend = get_backend("int8-torch")
+    y = backend.scaled_mm(layer, q, s)
     for args in ((True, None, None, None), (False, res, gate, rows), (False, None, None, None)):
-        want = fo.gemm_epilogue_reference(backend.scaled_mm(layer, q, s), torch.bfloat16, *args)
+        want = fo.gemm_epilogue_reference(y, torch.bfloat16, *args)
         # exact on CPU; on CUDA the pass's exp is the GPU's (not torch's): the bf16 one-step bound
         _exact_or_one_step(backend.gemm(layer, q, s, torch.bfloat16, *args), want)
-    broken = backend.gemm(layer, q, s, torch.bfloat16, False, res, gate, (rows + 1) % gate.shape[0])
-    assert (broken != fo.gemm_epilogue_reference(backend.scaled_mm(layer, q, s), torch.bfloat16, False, res, gate,
-                                                 rows)).float().mean() > 0.3
+    broken = backend.gemm(layer, q, s, torch.bfloat16, False, res, gate, (rows + 1) % gate.shape[0])  # a wrong row
+    assert (broken != fo.gemm_epilogue_reference(y, torch.bfloat16, False, res, gate, rows)).float().mean() > 0.3
 
 
 def test_epilogue_reference_is_the_unfused_arithmetic():

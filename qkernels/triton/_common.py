@@ -439,7 +439,8 @@ def make_launcher(kernel, fp_fusion: bool = False):
     every product; a contracted ``a * b + c`` rounds once, which only a GPU run shows. Run 11 (an
     H100) found the one launch that had left Triton's default on: the epilogue pass's gated
     residual compiled to one ``fma.rn.bf16x2`` and was a bf16 step off in 27% of its entries
-    (``tests/contraction_checks.py`` now checks every elementwise kernel's compiled code)."""
+    (``tests/contraction_checks.py`` now checks the compiled code of every kernel but the
+    attention's)."""
     if INTERPRET:
         return lambda grid, key, args, **meta: kernel[grid](*args, **{"enable_fp_fusion": fp_fusion, **meta})
     return KernelLauncher(kernel, fp_fusion)

@@ -83,7 +83,8 @@ class KernelLauncher:
     ``key`` holds the values the autotuner keys on (e.g. ``(M_BUCKET, N, K)``; ``()`` for a kernel
     that is not autotuned): with ``meta``, the device and the specialization of ``args`` it
     determines the compiled kernel. ``fp_fusion`` (if not ``None``) is the ``enable_fp_fusion``
-    of a call that does not pass its own.
+    of a call that does not pass its own: fixed per launcher, so only Triton's path (``_slow``)
+    adds it, and the fast path's key needs no entry for it.
     """
 
     def __init__(self, kernel, fp_fusion: bool | None = None):
@@ -100,8 +101,6 @@ class KernelLauncher:
         self._compiled: dict[tuple, tuple] = {}
 
     def __call__(self, grid, key: tuple, args: tuple, **meta) -> None:
-        if self.fp_fusion is not None and "enable_fp_fusion" not in meta:
-            meta["enable_fp_fusion"] = self.fp_fusion
         # The current device, as Triton launches on it (its kernels are loaded per device).
         device = driver.active.get_current_device()
         full_key = (key, tuple(meta.values()), device, specialization(args))
@@ -121,6 +120,8 @@ class KernelLauncher:
     def _slow(self, grid, full_key, args, meta) -> None:
         """Through Triton (it tunes on a new autotuner key, compiles on a new specialization, and
         launches), then record what the fast path needs to repeat that launch."""
+        if self.fp_fusion is not None and "enable_fp_fusion" not in meta:
+            meta = {**meta, "enable_fp_fusion": self.fp_fusion}
         kernel = self.kernel.run(*args, grid=grid, warmup=False, **meta)
         if _recorder.launches is not None:
             _recorder.launches.append(None)  # Triton's own path: not repeatable by a Replay

@@ -437,7 +437,7 @@ def make_launcher(kernel, fp_fusion: bool = False):
     The kernel compiles with FMA contraction only if ``fp_fusion`` (or a call's own
     ``enable_fp_fusion``) says so. The references, the interpreter and the unfused block round
     every product; a contracted ``a * b + c`` rounds once, which only a GPU run shows. Run 11 (an
-    H100) found the one launch that had left Triton's default on: the epilogue pass's gated
+    H100) found a launch that had left Triton's default on (one of four): the epilogue pass's gated
     residual compiled to one ``fma.rn.bf16x2`` and was a bf16 step off in 27% of its entries
     (``tests/contraction_checks.py`` now checks the compiled code of every kernel but the
     attention's)."""

@@ -19,6 +19,10 @@ from ..recipe import SKIP, Recipe, get_recipe
 log = logging.getLogger("qpipeline")
 
 QUANT_METHOD = "qkernels"
+# The transformers quantizer plugs into transformers 5's weight-conversion API
+# (``core_model_loading``); 5.20 (the newest for Python 3.10) and 5.25 are the versions its tests
+# ran with. Here, not in ``transformers.py``, so that a test can read it without the import error.
+TRANSFORMERS_MIN_VERSION = (5, 20)
 CONFIG_FORMAT_VERSION = 1
 # QuantLinear buffers whose dtype is the format's: read from the file as stored, never cast
 FIXED_BUFFERS = ("weight", "weight_scale", "input_scale", "input_smooth")

@@ -21,9 +21,8 @@ import transformers
 
 from qkernels.capabilities import major_minor
 
-# The weight-conversion API this quantizer plugs into (``core_model_loading``) is transformers 5's;
-# 5.20 (the newest for Python 3.10) and 5.25 are the versions its tests ran with.
-TRANSFORMERS_MIN_VERSION = (5, 20)
+from ._common import TRANSFORMERS_MIN_VERSION
+
 if major_minor(transformers.__version__) < TRANSFORMERS_MIN_VERSION:
     _need = ".".join(map(str, TRANSFORMERS_MIN_VERSION))
     raise ImportError(f"qkernels' transformers quantizer needs transformers >= {_need}, found "

@@ -4,6 +4,7 @@ save_pretrained folders that reload as the same 8-bit model, tied lm_head left a
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -104,3 +105,26 @@ def test_quantize_model_then_save_pretrained(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert isinstance(back.lm_head, QuantLinear)
     equal_state(m, back)
+
+
+def test_transformers_below_the_floor_quantizes_and_refuses_save_pretrained(tmp_path, monkeypatch):
+    """Under a transformers older than the quantizer's floor (simulated), quantize_model still
+    quantizes and the model runs (the engine's text encoder needs nothing more), while
+    save_pretrained, which could only write the 8-bit codes as plain weights, raises and writes
+    nothing."""
+    path = tiny_lm(tmp_path, False)
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        ref = m(ids).logits
+    # the module object the quantizer's `import transformers` gets (transformers swaps its own
+    # sys.modules entry while it loads, so it need not be this file's `transformers`)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.17.0")
+    monkeypatch.delitem(sys.modules, "qpipeline.integrations.transformers")  # imported afresh: it refuses
+    quantize_model(m, "generic")
+    assert isinstance(m.lm_head, QuantLinear) and getattr(m, "hf_quantizer", None) is None
+    with torch.no_grad():
+        assert rel_error(m(ids).logits, ref) < BOUND
+    with pytest.raises(CheckpointError, match=r"save_pretrained cannot write.*transformers >= 5\.20, found 5\.17\.0"):
+        m.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()

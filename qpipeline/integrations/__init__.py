@@ -95,4 +95,22 @@ def mark_quantized(model) -> None:
         if module == "diffusers" and cls.__name__ == "ModelMixin":
             return importlib.import_module("qpipeline.integrations.diffusers").mark_quantized(model)
         if module == "transformers" and cls.__name__ == "PreTrainedModel":
-            return importlib.import_module("qpipeline.integrations.transformers").mark_quantized(model)
+            try:
+                integration = importlib.import_module("qpipeline.integrations.transformers")
+            except ImportError as exc:  # a transformers older than the quantizer's floor
+                return _refuse_save_pretrained(model, exc)
+            return integration.mark_quantized(model)
+
+
+def _refuse_save_pretrained(model, reason: Exception) -> None:
+    """The quantized model still runs, but its library cannot save it as a quantized model: its
+    ``save_pretrained`` raises (the 8-bit codes written as plain weights would reload as garbage)."""
+    from qkernels.errors import CheckpointError
+
+    message = (f"{type(model).__name__}.save_pretrained cannot write this model's qkernels 8-bit layers: {reason}. "
+               "qpipeline.save_quantized writes a qkernels folder without it")
+
+    def save_pretrained(*args, **kwargs):
+        raise CheckpointError(message)
+
+    model.save_pretrained = save_pretrained  # an instance attribute: push_to_hub calls it too

@@ -12,12 +12,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from qkernels import CheckpointError, QuantLinear
+from qkernels.capabilities import major_minor
 from qpipeline import quantize_model
+from qpipeline.integrations._common import TRANSFORMERS_MIN_VERSION
 
 from .metrics import rel_error
-
-from qkernels.capabilities import major_minor
-from qpipeline.integrations._common import TRANSFORMERS_MIN_VERSION
 
 transformers = pytest.importorskip("transformers")
 if major_minor(transformers.__version__) < TRANSFORMERS_MIN_VERSION:

@@ -4,6 +4,7 @@ PipelineQuantizationConfig, and save_pretrained folders that reload as the same 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -186,3 +187,21 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_integration_that_cannot_import_leaves_the_model_running_and_refuses_save_pretrained(
+        inputs, tmp_path, monkeypatch):
+    """quantize_model of a diffusers model whose integration cannot be imported (a diffusers it does
+    not support; simulated) still quantizes, and the model runs; save_pretrained, which would write
+    the 8-bit codes as plain weights, raises with the reason and writes nothing."""
+    m = build_transformer()
+    with torch.no_grad():
+        ref = m(**inputs)[0]
+    monkeypatch.setitem(sys.modules, "qpipeline.integrations.diffusers", None)  # its import now raises
+    quantize_model(m, "qwen-image")
+    assert quant_layers(m) and getattr(m, "hf_quantizer", None) is None
+    with torch.no_grad():
+        assert rel_error(m(**inputs)[0], ref) < MODEL_BOUND
+    with pytest.raises(CheckpointError, match=r"QwenImageTransformer2DModel\.save_pretrained cannot write"):
+        m.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -89,15 +89,15 @@ def mark_quantized(model) -> None:
     """Make a model quantized by ``quantize_model`` / loaded by ``load_quantized`` a quantized
     model for its library: ``save_pretrained`` then writes ``config.json`` with a
     ``quantization_config`` block, and ``from_pretrained`` rebuilds the 8-bit layers (without it a
-    diffusers save reloads the int8 codes as bf16 weights). A no-op for plain modules."""
+    diffusers save reloads the int8 codes as bf16 weights). A no-op for plain modules. Where the
+    library's integration cannot be imported (a version it does not support), the model still runs
+    and only its ``save_pretrained`` raises, with the reason."""
     for cls in type(model).__mro__:
-        module = cls.__module__.split(".")[0]
-        if module == "diffusers" and cls.__name__ == "ModelMixin":
-            return importlib.import_module("qpipeline.integrations.diffusers").mark_quantized(model)
-        if module == "transformers" and cls.__name__ == "PreTrainedModel":
+        library = cls.__module__.split(".")[0]
+        if (library, cls.__name__) in (("diffusers", "ModelMixin"), ("transformers", "PreTrainedModel")):
             try:
-                integration = importlib.import_module("qpipeline.integrations.transformers")
-            except ImportError as exc:  # a transformers older than the quantizer's floor
+                integration = importlib.import_module(f"qpipeline.integrations.{library}")
+            except ImportError as exc:  # e.g. a transformers older than the quantizer's floor
                 return _refuse_save_pretrained(model, exc)
             return integration.mark_quantized(model)
 

@@ -10,7 +10,10 @@ change, so the test can kill it and start it again on the same port and file (a 
 raw body of ``/api/queue/next`` (a malformed job).
 
 * ``GET /api/queue/next``: the oldest waiting job (200), else 204. A job handed out and not answered
-  within ``--lease`` seconds is handed out again (its worker may have died).
+  within ``--lease`` seconds is handed out again (its worker may have died, or the answer that
+  carried it was cut). The jobs on lease are in the state file too: after a restart, the previous
+  process's leases run ``--lease`` seconds from the start, so a job whose hand-out a kill cut off
+  is not lost.
 * ``POST /api/queue/result``: records a result by ``id`` the first time (200 ``recorded``); a repeat
   of a recorded id is acknowledged (200 ``duplicate``), never recorded twice; ``posts`` keeps a
   digest of every upload of each id. A result
@@ -34,8 +37,8 @@ def load_state(path, jobs_path):
             return json.load(f)
     with open(jobs_path) as f:
         jobs = json.load(f)
-    return dict(waiting=jobs, handed_out={}, results={}, posts={}, unattributed=[], failed_uploads=[],
-                starts=0)
+    return dict(waiting=jobs, handed_out={}, leased={}, results={}, posts={}, unattributed=[],
+                failed_uploads=[], starts=0)
 
 
 def save_state(state, path):
@@ -55,7 +58,8 @@ def create_app(state_path, jobs_path=None, token=None, fail_upload=None, lease_s
     state["starts"] += 1
     save_state(state, state_path)
     lock = threading.Lock()
-    leased = {}  # id -> (monotonic hand-out time, job), this process's only
+    # id -> (monotonic hand-out time, job); a previous process's leases restart their clocks now
+    leased = {job_id: (time.monotonic(), job) for job_id, job in state["leased"].items()}
     app = FastAPI()
 
     def authorized(request: Request) -> bool:
@@ -69,9 +73,9 @@ def create_app(state_path, jobs_path=None, token=None, fail_upload=None, lease_s
             now = time.monotonic()
             for job_id, (t, job) in list(leased.items()):
                 if job_id in state["results"]:
-                    del leased[job_id]
+                    del leased[job_id], state["leased"][job_id]
                 elif now - t > lease_s:  # never answered: hand it out again
-                    del leased[job_id]
+                    del leased[job_id], state["leased"][job_id]
                     state["waiting"].insert(0, job)
             if not state["waiting"]:
                 return Response(status_code=204)
@@ -82,6 +86,7 @@ def create_app(state_path, jobs_path=None, token=None, fail_upload=None, lease_s
                 return Response(job, media_type="application/json")
             state["handed_out"][str(job["id"])] = state["handed_out"].get(str(job["id"]), 0) + 1
             leased[str(job["id"])] = (now, job)
+            state["leased"][str(job["id"])] = job
             save_state(state, state_path)
             return JSONResponse(job)
 
@@ -109,6 +114,7 @@ def create_app(state_path, jobs_path=None, token=None, fail_upload=None, lease_s
                 return {"status": "duplicate"}
             state["results"][key] = body
             leased.pop(key, None)
+            state["leased"].pop(key, None)
             save_state(state, state_path)
             return {"status": "recorded"}
 

@@ -121,6 +121,30 @@ def test_backoff_is_capped_exponential_and_jittered():
     assert b.next() <= 0.5
 
 
+def test_queue_server_lease_survives_a_restart(tmp_path):
+    """The test's queue server: a job handed out by a process killed before its worker got the answer
+    is handed out again by the next process once its lease runs out (a drain run once lost such a
+    job: the lease lived in the killed process only)."""
+    from fastapi.testclient import TestClient
+
+    from .queue_server import create_app
+
+    (tmp_path / "jobs.json").write_text(json.dumps([dict(id="a", prompt="p"), dict(id="b", prompt="p")]))
+    state, jobs = tmp_path / "state.json", tmp_path / "jobs.json"
+    first = TestClient(create_app(state, jobs, lease_s=0.5))
+    assert first.get("/api/queue/next").json()["id"] == "a"  # the answer a kill would cut
+    second = TestClient(create_app(state, jobs, lease_s=0.5))  # a restart on the same state file
+    assert second.get("/api/queue/next").json()["id"] == "b"
+    assert second.get("/api/queue/next").status_code == 204  # "a" is still on its lease
+    time.sleep(0.6)  # both leases out: both handed out again
+    assert {second.get("/api/queue/next").json()["id"] for _ in range(2)} == {"a", "b"}
+    assert second.post("/api/queue/result", json=dict(id="a", image="x")).json() == {"status": "recorded"}
+    time.sleep(0.6)
+    assert second.get("/api/queue/next").json()["id"] == "b"  # "b" was never answered
+    assert second.get("/api/queue/next").status_code == 204  # "a" was, and is not handed out again
+    assert second.get("/state").json()["handed_out"] == {"a": 2, "b": 3}
+
+
 def test_two_workers_drain_20_jobs_through_faults(engine, reference, tmp_path):
     """Faults: the queue server down when the workers start, killed (SIGKILL) and restarted
     mid-run, a 500 on one result upload, a job whose image is not base64, a job whose body is not

@@ -373,6 +373,22 @@ def _write_standard_layout(model: nn.Module, folder: Path) -> None:
         if dtype is not None:  # as save_pretrained does: from_pretrained's dtype="auto" reads it
             model.config.dtype = dtype
         model.config.save_pretrained(str(folder))
+    if getattr(model, "hf_quantizer", None) is None:  # not marked: its library's integration cannot import
+        _add_quantization_config(folder / "config.json", model)
+
+
+def _add_quantization_config(path: Path, model: nn.Module) -> None:
+    """The quantization_config block the integration would have written, added to a config.json
+    its library wrote without one, so the folder reloads as the 8-bit model wherever the
+    integration imports (``from_pretrained`` would otherwise read the codes as plain weights)."""
+    from .integrations._common import QKernelsConfigFields, layer_specs, model_dtype
+
+    layers = layer_specs(model)
+    if not layers:  # nothing quantized: mark_quantized leaves such a model as it is, too
+        return
+    config = json.loads(path.read_text())
+    config["quantization_config"] = QKernelsConfigFields(layers=layers, torch_dtype=model_dtype(model)).to_dict()
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _read_config_json(ckpt: Path) -> dict | None:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from qkernels import CheckpointError, QuantLinear, capabilities
-from qpipeline import QKernelsConfig, quantize_model
+from qpipeline import QKernelsConfig, quantize_model, save_quantized
 from qpipeline.demo import demo_inputs
 
 from .metrics import rel_error
@@ -205,3 +205,8 @@ def test_an_integration_that_cannot_import_leaves_the_model_running_and_refuses_
     with pytest.raises(CheckpointError, match=r"QwenImageTransformer2DModel\.save_pretrained cannot write"):
         m.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+    save_quantized(m, tmp_path / "ck")  # with the block the integration would have written
+    monkeypatch.undo()
+    back = QwenImageTransformer2DModel.from_pretrained(tmp_path / "ck")
+    assert quant_layers(back).keys() == quant_layers(m).keys()
+    equal_state(m, back)

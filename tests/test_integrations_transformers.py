@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from qkernels import CheckpointError, QuantLinear
 from qkernels.capabilities import major_minor
-from qpipeline import quantize_model
+from qpipeline import quantize_model, save_quantized
 from qpipeline.integrations._common import TRANSFORMERS_MIN_VERSION
 
 from .metrics import rel_error
@@ -127,3 +127,11 @@ def test_transformers_below_the_floor_quantizes_and_refuses_save_pretrained(tmp_
     with pytest.raises(CheckpointError, match=r"save_pretrained cannot write.*transformers >= 5\.20, found 5\.17\.0"):
         m.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+    # save_quantized still writes the folder, its config.json with the quantization_config block
+    # the integration would have written: where the integration imports, it reloads as this model
+    save_quantized(m, tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]["quant_method"] == "qkernels"
+    monkeypatch.undo()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert isinstance(back.lm_head, QuantLinear)
+    equal_state(m, back)
